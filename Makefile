@@ -1,0 +1,61 @@
+# pclite: `make run` starts the service, `make test` runs every test. Both install what is missing first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := qemu-system-x86 busybox-static linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio \
+                e2fsprogs postgresql gcc make xz-utils
+
+.PHONY: all deps venv kernel initramfs artifacts lab test test-host test-guest bench run lint clean
+all: artifacts
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo -n "$$p "; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "make: missing Debian packages: $$missing-- run 'sudo make deps'" >&2; exit 1; fi; \
+	  echo "make: installing Debian packages: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: pclite needs Python >= 3.11 as python3" >&2; exit 1; }
+	@echo "make: creating $(VENV) and installing pclite with its dev extras"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+kernel: deps venv
+	@$(PY) -m guestboot.kernel build
+
+initramfs: deps venv
+	@$(PY) -m guestboot.initramfs build
+
+artifacts: kernel initramfs
+
+lab: deps venv
+	@$(VENV)/bin/pclite-lab check || true
+
+test: artifacts test-host test-guest
+
+test-host: venv
+	$(PY) -m pytest -m "not guest" tests
+
+# Guest tests boot real Linux: directly where this host's KVM can, otherwise all in one lab session.
+test-guest: artifacts
+	$(VENV)/bin/pclite-lab test -- tests
+
+bench: artifacts
+	$(VENV)/bin/pclite-lab run --if-needed -- $(PY) tests/bench/run_all.py
+
+run: artifacts
+	$(VENV)/bin/pclited-up
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

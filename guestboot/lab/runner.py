@@ -1,0 +1,129 @@
+"""Run one command inside the lab VM and return its exit code, streaming its output."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guestboot.cache import cache_root
+from guestboot.lab.assets import lab_assets
+
+# Environment passed into the lab: the rest of the host's environment means nothing inside.
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CI", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+PASSED_PREFIXES = ("PCLITE_",)
+
+
+class LabError(Exception):
+    """The lab itself failed (not the command run in it)."""
+
+
+@dataclass
+class LabRequest:
+    command: list[str]
+    workdir: Path = field(default_factory=Path.cwd)
+    mem_mib: int = 4096
+    cpus: int = 2
+    timeout_s: float = 3600.0
+    forwards: list[tuple[int, int]] = field(default_factory=list)  # (host port on 127.0.0.1, guest port)
+    extra_shares: list[Path] = field(default_factory=list)  # writable inside the lab at the same path
+
+
+def _command_script(request: LabRequest, results: Path) -> str:
+    env = {name: os.environ[name] for name in os.environ
+           if name in PASSED_ENV or name.startswith(PASSED_PREFIXES)}
+    env["PCLITE_IN_LAB"] = "1"
+    env["TERM"] = "dumb"  # the lab console is a serial tty: no colour codes in the streamed output
+    env["PCLITE_LAB_RESULTS"] = str(results)
+    lines = ["# written by pclite-lab: the command to run inside the lab"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    lines += [f"cd {shlex.quote(str(request.workdir))} || exit 125", "exec " + shlex.join(request.command)]
+    return "\n".join(lines) + "\n"
+
+
+def qemu_command(request: LabRequest, results: Path, shares: list[tuple[str, Path]]) -> list[str]:
+    assets = lab_assets()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise LabError("qemu-system-x86_64 is not installed: run `make deps` as root (Debian package qemu-system-x86)")
+    cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(request.cpus), "-m", str(request.mem_mib),
+           "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+           "-bios", "qboot.rom", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
+           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable",
+           "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+           "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
+    for tag, path in shares:
+        cmd += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
+    if request.forwards:
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in request.forwards)
+        # restrict=on: the lab never reaches a network; only the forwarded loopback ports exist
+        cmd += ["-netdev", f"user,id=net0,restrict=on,{fwd}", "-device", "virtio-net-pci,netdev=net0"]
+    return cmd
+
+
+def run_in_lab(request: LabRequest, out=None) -> int:
+    """Run request.command in a fresh lab VM; returns its exit code. Raises LabError when the lab fails."""
+    out = out or sys.stdout.buffer
+    workdir = request.workdir.resolve()
+    shares = []
+    for index, path in enumerate([workdir, cache_root(), *request.extra_shares]):
+        path = Path(path).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        if not any(path == p or path.is_relative_to(p) for _, p in shares):
+            shares.append((f"share{index}", path))
+    with tempfile.TemporaryDirectory(prefix="pclite-lab-") as tmp:
+        results = Path(tmp)
+        (results / "cmd.sh").write_text(_command_script(request, results))
+        (results / "lab.env").write_text(
+            f"LAB_SHARES={shlex.quote(' '.join(f'{tag}={path}' for tag, path in shares))}\n"
+            f"LAB_RESULTS={shlex.quote(str(results))}\nLAB_NET={1 if request.forwards else 0}\n")
+        cmd = qemu_command(request, results, shares)
+        started = time.monotonic()
+        tail = _stream(cmd, request.timeout_s, out)
+        exit_file = results / "exit-code"
+        if not exit_file.exists():
+            last = b"\n".join(tail.splitlines()[-15:]).decode(errors="replace")
+            raise LabError(f"the lab VM stopped after {time.monotonic() - started:.0f}s before the command finished; "
+                           f"its last console lines:\n{last}")
+        return int(exit_file.read_text().strip() or "1")
+
+
+def _stream(cmd: list[str], timeout_s: float, out) -> bytes:
+    """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; kill it past the timeout."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    tail = b""
+    pending = b""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                proc.kill()
+                raise LabError(f"the lab did not finish within {timeout_s:.0f}s (--timeout); it was stopped")
+            if not selector.select(timeout=min(remaining, 1.0)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            chunk = (pending + chunk).replace(b"\r\n", b"\n")
+            pending = b""
+            if chunk.endswith(b"\r"):
+                chunk, pending = chunk[:-1], b"\r"
+            out.write(chunk.replace(b"\r", b""))
+            out.flush()
+            tail = (tail + chunk)[-4096:]
+    finally:
+        selector.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return tail

@@ -1,0 +1,59 @@
+"""Guest RAM: anonymous mappings registered as KVM memory slots, with bounds-checked access for devices."""
+
+from __future__ import annotations
+
+import mmap
+
+from guestboot.layout import ram_regions
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range that is not RAM (devices treat it as a malicious or broken request)."""
+
+
+class GuestMemory:
+    """RAM regions (gpa, size, mmap). Fresh mappings are zero, which the loaders rely on for BSS."""
+
+    def __init__(self, mem_bytes: int, regions: list[tuple[int, int]] | None = None):
+        self.size = mem_bytes
+        self.regions: list[tuple[int, int, mmap.mmap]] = []
+        for gpa, size in regions or ram_regions(mem_bytes):
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            self.regions.append((gpa, size, mapping))
+        self._views = [(gpa, gpa + size, memoryview(mapping)) for gpa, size, mapping in self.regions]
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of [gpa, gpa+length) if it lies inside one RAM region, else GuestMemoryError."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        for start, end, view in self._views:
+            if start <= gpa and gpa + length <= end:
+                return view[gpa - start: gpa - start + length]
+        raise GuestMemoryError(f"guest range {gpa:#x}..{gpa + length:#x} is not in RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 8), "little")
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.view(gpa, 2)[:] = value.to_bytes(2, "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.view(gpa, 4)[:] = value.to_bytes(4, "little")
+
+    def close(self) -> None:
+        for _, _, view in self._views:
+            view.release()
+        for _, _, mapping in self.regions:
+            mapping.close()

@@ -1,0 +1,25 @@
+"""Test wiring: everything under tests/guest is a `guest` test and runs only where KVM can boot Linux."""
+
+from pathlib import Path
+
+import pytest
+
+from guestboot.lab.detect import host_kvm_status
+
+GUEST_DIR = Path(__file__).parent / "guest"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if GUEST_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.guest)
+
+
+@pytest.fixture(autouse=True)
+def _guest_tests_need_bootable_kvm(request):
+    if request.node.get_closest_marker("guest") is None:
+        return
+    ok, reason = host_kvm_status()
+    if not ok:
+        # Never a silent skip: a guest test that cannot boot a guest here is a wiring error.
+        pytest.fail(f"guest test cannot run on this host ({reason}); run it via `make test` or `pclite-lab test`")

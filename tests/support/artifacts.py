@@ -1,0 +1,30 @@
+"""The guest kernel and initramfs the tests boot; they must already be built (make test builds them first)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from guestboot.cache import cache_root
+from guestboot.kernel import cached_kernel
+
+PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=probe"
+
+
+@dataclass(frozen=True)
+class GuestArtifacts:
+    bzimage: Path
+    vmlinux: Path
+    initrd: Path
+
+
+def guest_artifacts() -> GuestArtifacts:
+    kernel = cached_kernel()
+    if kernel is None:
+        raise RuntimeError("the guest kernel is not built: run `make kernel` (python -m guestboot.kernel build)")
+    from guestboot.initramfs.builder import build_initramfs  # cached: a hit only stats the file
+    return GuestArtifacts(kernel.bzimage, kernel.vmlinux, build_initramfs())
+
+
+def results_dir() -> Path:
+    path = cache_root() / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
