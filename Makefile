@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@echo "make: creating $(VENV) and installing pclite with its dev extras"
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a plain .pth: the import-hook finder costs start-up time
 	@touch $@
 
 venv: $(STAMP)

@@ -6,14 +6,8 @@ loaded at pref_address and entered at its 64-bit entry (+0x200), or its payload 
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import struct
-import zlib
 from dataclasses import dataclass
-
-import lz4.block
-import zstandard
 
 from guestboot.plan import LoaderError
 
@@ -218,28 +212,34 @@ def _stream(name: str, decompressor, data: memoryview) -> bytes:
 
 
 def _gzip(data: memoryview) -> bytes:
+    import zlib  # decompressors are imported on use: the VMM's start-up path must stay lean
     return _stream("gzip", zlib.decompressobj(16 + zlib.MAX_WBITS), data)
 
 
 def _xz(data: memoryview) -> bytes:
+    import lzma
     return _stream("xz", lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data)
 
 
 def _lzma(data: memoryview) -> bytes:
+    import lzma
     return _stream("lzma", lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data)
 
 
 def _bzip2(data: memoryview) -> bytes:
+    import bz2
     return _stream("bzip2", bz2.BZ2Decompressor(), data)
 
 
 def _zstd(data: memoryview) -> bytes:
     # decompressobj copes with frames that do not record their content size (zstd reading from a pipe)
+    import zstandard
     return _stream("zstd", zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj(), data)
 
 
 def _lz4(data: memoryview) -> bytes:
     """lz4 -l (legacy) frames: magic, then [le32 compressed size][block]...; the magic again starts a new frame."""
+    import lz4.block
     blocks = []
     offset = 4  # detect_compression saw the magic
     while len(data) - offset >= 4:

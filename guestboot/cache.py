@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -37,6 +39,15 @@ def publish_dir(staging: Path, final: Path) -> Path:
             raise
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def build_lock(final: Path):
+    """Serialise builders of one artifact (two `make` runs, or a test and a build) on a lock file beside it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(final.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def describe_os_error(exc: OSError, what: str) -> BuildError:

@@ -7,7 +7,6 @@ registers, like rust-vmm linux-loader's loader/configurator split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 
 class LoaderError(ValueError):
@@ -25,7 +24,7 @@ class Segment:
 class BootPlan:
     # linux64: 64-bit boot protocol (RSI = zero page, long mode, identity paging)
     # pvh: PVH entry (RBX = hvm_start_info, 32-bit protected mode, paging off)
-    entry_mode: Literal["linux64", "pvh"]
+    entry_mode: str  # "linux64" | "pvh"
     entry: int
     boot_info: int  # zero page (linux64) or hvm_start_info (pvh) address
     segments: list[Segment]

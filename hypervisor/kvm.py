@@ -499,7 +499,7 @@ class Vcpu(_FdOwner):
         """KVM_RUN; returns the exit reason. EINTR (signal or ``immediate_exit``) returns KVM_EXIT_INTR."""
         try:
             _ioctl(self.fd, _req, 0)
-        except InterruptedError:
+        except (InterruptedError, BlockingIOError):  # EAGAIN: an AP woken from wait-for-SIPI; run again
             return _intr
         except OSError as e:
             raise KvmError.from_errno("KVM_RUN", e.errno, f"vcpu {self.index}") from None

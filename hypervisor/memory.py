@@ -18,7 +18,8 @@ class GuestMemory:
         self.size = mem_bytes
         self.regions: list[tuple[int, int, mmap.mmap]] = []
         for gpa, size in regions or ram_regions(mem_bytes):
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            mapping = mmap.mmap(-1, size, flags=flags)
             self.regions.append((gpa, size, mapping))
         self._views = [(gpa, gpa + size, memoryview(mapping)) for gpa, size, mapping in self.regions]
 

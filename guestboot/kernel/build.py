@@ -19,6 +19,7 @@ from pathlib import Path
 
 from guestboot.cache import (
     BuildError,
+    build_lock,
     cache_root,
     content_key,
     debian_package_version,
@@ -154,7 +155,10 @@ def build_kernel(fragment_path: Path = FRAGMENT, jobs: int | None = None, force:
     _check_tools()
     final = _kernel_dir(fragment, version)
     try:
-        return _build(fragment, version, final, jobs or os.cpu_count() or 1, say)
+        with build_lock(final):
+            if not force and (hit := cached_kernel(fragment_path)):
+                return hit  # another builder finished it while we waited
+            return _build(fragment, version, final, jobs or os.cpu_count() or 1, say)
     except OSError as exc:
         raise describe_os_error(exc, "building the guest kernel") from exc
 

@@ -37,13 +37,51 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     return out.stdout
 
 
-def resolve_image_package() -> str:
+def resolve_image_package(meta: str = META_PACKAGE) -> str:
     """linux-image-amd64 → the versioned package it depends on (e.g. linux-image-6.1.0-56-amd64)."""
-    out = _run(["apt-cache", "depends", META_PACKAGE], f"finding the lab kernel package ({META_PACKAGE})")
+    out = _run(["apt-cache", "depends", meta], f"finding the kernel package behind {meta}")
     match = re.search(r"Depends: (linux-image-\S+-amd64)", out)
     if not match:
-        raise BuildError(f"apt knows no {META_PACKAGE}: run `apt-get update` as root, then retry")
+        raise BuildError(f"apt knows no {meta}: run `apt-get update` as root, then retry")
     return match.group(1)
+
+
+def _download_and_unpack(package: str, into: Path) -> Path:
+    """apt-get download + dpkg-deb -x into `into`/tree; returns the tree."""
+    _run(["apt-get", "download", package], f"downloading {package}", cwd=into)
+    deb = next(into.glob("*.deb"))
+    tree = into / "tree"
+    _run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
+    return tree
+
+
+STOCK_KERNEL_META = "linux-image-cloud-amd64"
+
+
+def cached_stock_kernel() -> Path | None:
+    """Debian's stock cloud kernel (bzImage) if fetched before; read-only, so safe inside the lab."""
+    hits = sorted((cache_root() / "debian-kernels").glob("*/vmlinuz"))
+    return hits[-1] if hits else None
+
+
+def stock_kernel() -> Path:
+    """Fetch (once) Debian's stock linux-image-*-cloud-amd64 bzImage: the 'any distro kernel boots' test."""
+    if hit := cached_stock_kernel():
+        return hit
+    package = resolve_image_package(STOCK_KERNEL_META)
+    directory = cache_root() / "debian-kernels" / package
+    print(f"pclite-lab: fetching {package} for the stock-kernel boot test (once)", flush=True)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+            tree = _download_and_unpack(package, Path(tmp))
+            shutil.copyfile(next((tree / "boot").glob("vmlinuz-*")), staging / "vmlinuz")
+        publish_dir(staging, directory)
+    except OSError as exc:
+        raise describe_os_error(exc, "fetching the stock kernel") from exc
+    return directory / "vmlinuz"
 
 
 def _modinfo_depends(ko: bytes) -> list[str]:
@@ -93,11 +131,7 @@ def _assemble(directory: Path, busybox: bytes) -> LabAssets:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=staging) as tmp:
-        tmp_path = Path(tmp)
-        _run(["apt-get", "download", package], f"downloading {package}", cwd=tmp_path)
-        deb = next(tmp_path.glob("*.deb"))
-        tree = tmp_path / "tree"
-        _run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
+        tree = _download_and_unpack(package, Path(tmp))
         vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
         modules_root = next((tree / "lib/modules").iterdir())
         order = module_load_order(modules_root, WANTED_MODULES)

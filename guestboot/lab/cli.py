@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from guestboot.cache import BuildError
+from guestboot.lab.assets import stock_kernel
 from guestboot.lab.detect import host_kvm_status
 from guestboot.lab.runner import LabError, LabRequest, run_in_lab
 
@@ -77,8 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     pytest = [sys.executable, "-m", "pytest", "-m", "guest", *rest]
     ok, reason = host_kvm_status()
     if ok:
+        stock_kernel()
         print(f"pclite-lab: guest tests run directly: {reason}", file=sys.stderr)
         return subprocess.call(pytest)
+    try:
+        stock_kernel()  # the lab has no network: fetch what guest tests need first
+    except BuildError as exc:
+        print(f"pclite-lab: error: {exc}", file=sys.stderr)
+        return 125
     print(f"pclite-lab: guest tests run inside the lab: {reason}", file=sys.stderr)
     return _run_lab(args, pytest)
 

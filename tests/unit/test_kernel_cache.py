@@ -45,6 +45,7 @@ def test_real_fragment_asks_for_what_the_issue_needs():
 
 def test_cached_build_matches_fragment_and_hits_fast():
     """make test builds the kernel first; a hit must answer in well under a second."""
+    assert kbuild.cached_kernel() is not None, "guest kernel not built: run `make kernel` first"
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "guestboot.kernel", "build", "--print-path"],
                          capture_output=True, text=True, check=False)

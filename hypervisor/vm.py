@@ -1,0 +1,191 @@
+"""Assemble one microVM from a config: KVM VM, RAM, the boot plan copied in, devices on buses, vCPU threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from guestboot import layout
+from guestboot.cpu import initial_cpu_state
+from guestboot.loader import plan_boot
+from guestboot.plan import BootPlan, LoaderError
+from hypervisor import kvm_structs as K
+from hypervisor.bus import Bus
+from hypervisor.devices.boot_timer import BootTimer
+from hypervisor.devices.i8042 import I8042, I8042_DATA
+from hypervisor.devices.quiet_ports import QUIET_PORTS, QuietPorts
+from hypervisor.devices.serial import COM1_BASE, COM1_IRQ, Serial
+from hypervisor.kvm import Kvm, KvmError, buffer_address
+from hypervisor.memory import GuestMemory
+from hypervisor.timeline import Timeline
+from hypervisor.vcpu import VcpuThread, configure_vcpu, set_boot_registers
+
+TSS_ADDR = 0xFFFBD000  # three pages just below the identity-map page, inside the top-of-4G hole (not RAM)
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MIN_MEM_MIB = 32
+MAX_VCPUS = 64
+
+
+class VmConfigError(ValueError):
+    """The requested VM cannot be built; the message says what to change."""
+
+
+@dataclass
+class MachineConfig:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0 panic=-1"
+    mem_mib: int = 256
+    vcpus: int = 1
+    boot: str = "auto"  # auto | pvh | bzimage | unpack
+    console_sink: object = None  # callable(bytes) or None to discard
+    extra_cmdline: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise VmConfigError(f"--vcpus must be 1..{MAX_VCPUS}, got {self.vcpus}")
+        if self.mem_mib < MIN_MEM_MIB:
+            raise VmConfigError(f"--mem must be at least {MIN_MEM_MIB} MiB, got {self.mem_mib}")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not os.path.isfile(path):
+                raise VmConfigError(f"{what} {path} does not exist or is not a file")
+
+
+def _map_file(path: str) -> memoryview:
+    """Map an image read-only: the loader slices it and each byte is copied once, straight into guest RAM."""
+    import mmap
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ))
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, timeline: Timeline | None = None):
+        config.validate()
+        self.config = config
+        self.timeline = timeline or Timeline()
+        self.pio_bus = Bus("port-io")
+        self.mmio_bus = Bus("mmio")
+        self.stopping = False
+        self.pause_requested = False
+        self.resume_event = threading.Event()
+        self.stop_reason = ""
+        self.exit_code = 0
+        self._stopped = threading.Event()
+        self._eventfds: list[int] = []
+        self.threads: list[VcpuThread] = []
+        self.plan: BootPlan | None = None
+        self.kvm = self.vm = self.memory = None
+
+    # ---- build
+
+    def build(self) -> Machine:
+        cfg = self.config
+        kernel = _map_file(cfg.kernel)
+        initrd = _map_file(cfg.initrd) if cfg.initrd else None
+        cmdline = " ".join([cfg.cmdline, *cfg.extra_cmdline]).strip()
+        self.plan = plan_boot(kernel, initrd=initrd, cmdline=cmdline, mem_bytes=cfg.mem_mib << 20,
+                              vcpus=cfg.vcpus, boot=cfg.boot)
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.timeline.mark("vm_created")
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
+        self.memory = GuestMemory(cfg.mem_mib << 20)
+        for slot, (gpa, size, mapping) in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, gpa, size, buffer_address(mapping))
+        for segment in self.plan.segments:
+            self.memory.write(segment.gpa, segment.data)
+        self.timeline.mark("kernel_loaded")
+        self._add_devices()
+        self._create_vcpus()
+        return self
+
+    def irq_trigger(self, gsi: int):
+        """An edge on `gsi` through an irqfd: one eventfd write, no ioctl."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.vm.irqfd(efd, gsi)
+        self._eventfds.append(efd)
+        return lambda: os.eventfd_write(efd, 1)
+
+    def _add_devices(self) -> None:
+        sink = self.config.console_sink or (lambda data: None)
+        self.serial = Serial(sink, self.irq_trigger(COM1_IRQ))
+        self.pio_bus.register(COM1_BASE, 8, self.serial)
+        self.pio_bus.register(I8042_DATA, 5, I8042(lambda: self.stop("guest reset (i8042)", 0)))
+        for port, length in QUIET_PORTS:
+            self.pio_bus.register(port, length, QuietPorts())
+        self.boot_timer = BootTimer(lambda: self.timeline.mark("init_reached"))
+        self.mmio_bus.register(layout.BOOT_TIMER_ADDR, 0x10, self.boot_timer)
+
+    def _create_vcpus(self) -> None:
+        supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension(K.KVM_CAP_TSC_DEADLINE_TIMER))
+        state = initial_cpu_state(self.plan)
+        for index in range(self.config.vcpus):
+            vcpu = self.vm.create_vcpu(index)
+            configure_vcpu(vcpu, supported, index, self.config.vcpus, tsc_deadline)
+            if index == 0:
+                set_boot_registers(vcpu, state)  # the others wait for INIT/SIPI in the in-kernel LAPIC
+            self.threads.append(VcpuThread(self, vcpu))
+
+    # ---- run
+
+    def start(self) -> None:
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt KVM_RUN in a vCPU thread
+        for thread in self.threads:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._stopped.wait(timeout)
+        return self.exit_code
+
+    def stop(self, reason: str, code: int) -> None:
+        if self.stopping:
+            return
+        self.stop_reason, self.exit_code = reason, code
+        self.stopping = True
+        self.timeline.mark("stopped")
+        self.resume_event.set()
+        for thread in self.threads:
+            if thread.is_alive() and thread.ident != threading.get_ident():
+                thread.vcpu.request_exit(thread.ident)
+        self._stopped.set()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        self.resume_event.clear()
+        self.pause_requested = True
+        for thread in self.threads:
+            thread.vcpu.request_exit(thread.ident)
+        return all(thread.paused.wait(timeout) for thread in self.threads)
+
+    def resume(self) -> None:
+        self.pause_requested = False
+        self.resume_event.set()
+
+    def exit_counts(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for thread in self.threads:
+            for reason, count in enumerate(thread.exit_counts):
+                if count:
+                    name = K.exit_reason_name(reason)
+                    totals[name] = totals.get(name, 0) + count
+        return totals
+
+    def close(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=2)
+        for efd in self._eventfds:
+            os.close(efd)
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+
+__all__ = ["Machine", "MachineConfig", "VmConfigError", "LoaderError", "KvmError"]

@@ -1,0 +1,53 @@
+"""pclite vs peers: process start → init reached, same kernel + initramfs, one run; phase split and VM exits.
+
+Goal (issue 3): pclite's median <= 0.8x QEMU microvm's (direct vmlinux). Ratios only: lab figures are emulated.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from common import RUNS, ratio, repeat, summary  # noqa: I001
+
+from tests.support.artifacts import PROBE_CMDLINE, guest_artifacts
+from tests.support.pclite import timeline_of, vmm_run
+from tests.support.qemu import microvm_direct, q35_seabios
+
+
+def _phase_split(outputs: list[str]) -> str:
+    timelines = [timeline_of(out) for out in outputs]
+    def med(name):
+        values = [t["timeline_ms"].get(name) for t in timelines if name in t["timeline_ms"]]
+        return statistics.median(values) if values else float("nan")
+    exits = [sum(t["exits"].values()) for t in timelines]
+    return (f"    phases (median ms from process start): vmm_ready {med('vmm_ready'):.0f}, "
+            f"vm_created {med('vm_created'):.0f}, kernel_loaded {med('kernel_loaded'):.0f}, "
+            f"first_kvm_run {med('first_kvm_run'):.0f}, init_reached {med('init_reached'):.0f}; "
+            f"VM exits per boot {statistics.median(exits):.0f} ({timelines[0]['exits']})")
+
+
+def main() -> None:
+    art = guest_artifacts()
+    print(f"== boot: pclite vs peers, {RUNS} runs each, cmdline {PROBE_CMDLINE!r}", flush=True)
+    runs = {
+        "pclite, vmlinux via PVH": vmm_run(art.vmlinux, art.initrd, PROBE_CMDLINE),
+        "pclite, bzImage 64-bit entry": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="bzimage"),
+        "pclite, bzImage host-unpacked → PVH": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="unpack"),
+        "QEMU microvm, direct vmlinux (PVH)": microvm_direct(art.vmlinux, art.initrd, PROBE_CMDLINE),
+        "QEMU q35 + SeaBIOS, bzImage": q35_seabios(art.bzimage, art.initrd, PROBE_CMDLINE),
+    }
+    results = {}
+    for name, cmd in runs.items():
+        results[name], outputs = repeat(name, cmd)
+        print(summary(name, results[name]), flush=True)
+        if name.startswith("pclite") and outputs:
+            print(_phase_split(outputs), flush=True)
+    baseline = "QEMU microvm, direct vmlinux (PVH)"
+    for name in runs:
+        if name.startswith("pclite"):
+            print(ratio(name, results[name], baseline, results[baseline]) + "   (goal <= 0.80x)")
+    print(ratio("QEMU q35 + SeaBIOS, bzImage", results["QEMU q35 + SeaBIOS, bzImage"], baseline, results[baseline]))
+
+
+if __name__ == "__main__":
+    main()
