@@ -51,8 +51,13 @@ test-guest: artifacts
 bench: artifacts
 	$(VENV)/bin/pclite-lab run --if-needed -- $(PY) tests/bench/run_all.py
 
+# pclited (the REST service) is not built yet: until it is, `make run` boots one probe VM to show the path works.
 run: artifacts
-	$(VENV)/bin/pclited-up
+	@echo "make run: pclited is not implemented yet; booting one pclite microVM to the probe line instead"
+	@$(VENV)/bin/pclite-lab run --if-needed -- $(PY) -m hypervisor run \
+	    --kernel "$$($(PY) -m guestboot.kernel build --print-path | tail -1)" \
+	    --initrd "$$($(PY) -m guestboot.initramfs build --print-path)" --vcpus 2 --mem 256 \
+	    --cmdline "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=probe" --timeline
 
 lint: venv
 	$(VENV)/bin/ruff check .
