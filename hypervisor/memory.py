@@ -20,6 +20,9 @@ class GuestMemory:
         for gpa, size in regions or ram_regions(mem_bytes):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             mapping = mmap.mmap(-1, size, flags=flags)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # 2 MiB pages: copying a 17 MB kernel in takes 9 faults instead of ~4,400, and KVM maps fewer pages
+                mapping.madvise(mmap.MADV_HUGEPAGE)
             self.regions.append((gpa, size, mapping))
         self._views = [(gpa, gpa + size, memoryview(mapping)) for gpa, size, mapping in self.regions]
 
