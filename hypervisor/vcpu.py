@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 from guestboot.cpu import CpuState
 from hypervisor import kvm_structs as K
@@ -144,4 +143,3 @@ class VcpuThread(threading.Thread):
                          f"{vcpu.fail_entry.hardware_entry_failure_reason:#x}: {describe_registers(vcpu)}", 1)
         else:
             machine.stop(f"unexpected VM exit {K.exit_reason_name(reason)}: {describe_registers(vcpu)}", 1)
-        time.sleep(0)

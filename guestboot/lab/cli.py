@@ -76,16 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.call(rest)
         return _run_lab(args, rest)
     pytest = [sys.executable, "-m", "pytest", "-m", "guest", *rest]
-    ok, reason = host_kvm_status()
-    if ok:
-        stock_kernel()
-        print(f"pclite-lab: guest tests run directly: {reason}", file=sys.stderr)
-        return subprocess.call(pytest)
     try:
-        stock_kernel()  # the lab has no network: fetch what guest tests need first
+        stock_kernel()  # fetched before the tests: the lab has no network
     except BuildError as exc:
         print(f"pclite-lab: error: {exc}", file=sys.stderr)
         return 125
+    ok, reason = host_kvm_status()
+    if ok:
+        print(f"pclite-lab: guest tests run directly: {reason}", file=sys.stderr)
+        return subprocess.call(pytest)
     print(f"pclite-lab: guest tests run inside the lab: {reason}", file=sys.stderr)
     return _run_lab(args, pytest)
 
