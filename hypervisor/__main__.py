@@ -41,11 +41,10 @@ def cmd_run(argv: list[str]) -> int:
                            mem_mib=opts["mem"], vcpus=opts["vcpus"], boot=opts["boot"],
                            console_sink=_console_sink(opts["console"]))
     try:
-        config.validate()
+        machine = Machine(config, TIMELINE)  # validates the config
     except VmConfigError as exc:
         print(f"pclite: error: {exc}", file=sys.stderr)
         return 1
-    machine = Machine(config, TIMELINE)
     try:
         machine.build()
         machine.start()

@@ -87,7 +87,7 @@ class VcpuThread(threading.Thread):
         vcpu, machine = self.vcpu, self.machine
         run, io, mmio, counts = vcpu.run, vcpu.io, vcpu.mmio, self.exit_counts
         pio_bus, mmio_bus = machine.pio_bus, machine.mmio_bus
-        exit_io, exit_mmio, exit_intr = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_INTR
+        exit_io, exit_mmio, exit_intr, io_out = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_INTR, K.KVM_EXIT_IO_OUT
         if vcpu.index == 0:
             machine.timeline.mark("first_kvm_run")
         while not machine.stopping:
@@ -96,7 +96,7 @@ class VcpuThread(threading.Thread):
             if reason == exit_io:
                 size, port = io.size, io.port
                 data = vcpu.io_data()
-                if io.direction == K.KVM_EXIT_IO_OUT:
+                if io.direction == io_out:
                     for start in range(0, len(data), size):
                         pio_bus.write(port, size, int.from_bytes(data[start:start + size], "little"))
                 else:
