@@ -20,6 +20,9 @@ from guestboot.lab.assets import stock_kernel
 from guestboot.lab.detect import host_kvm_status
 from guestboot.lab.runner import LabError, LabRequest, run_in_lab
 
+GUEST_TEST_TIMEOUT_S = 600
+LAB_TIMEOUT_S = {"run": 3600, "test": 2400}  # test: CI has 90 minutes in all
+
 
 def _forward(text: str) -> tuple[int, int]:
     host, _, guest = text.partition(":")
@@ -38,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name)
         cmd.add_argument("--mem", type=int, default=4096, help="lab VM memory in MiB (default 4096)")
         cmd.add_argument("--cpus", type=int, default=2, help="lab VM vCPUs (default 2)")
-        cmd.add_argument("--timeout", type=float, default=3600, help="seconds before the lab is stopped")
+        cmd.add_argument("--timeout", type=float, default=LAB_TIMEOUT_S[name],
+                         help=f"seconds before the lab is stopped (default {LAB_TIMEOUT_S[name]})")
         cmd.add_argument("--forward", type=_forward, action="append", default=[], metavar="HOSTPORT:GUESTPORT",
                          help="forward 127.0.0.1:HOSTPORT on the host to GUESTPORT in the lab")
         cmd.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -75,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.if_needed and ok:
             return subprocess.call(rest)
         return _run_lab(args, rest)
-    pytest = [sys.executable, "-m", "pytest", "-m", "guest", *rest]
+    # -v names each test as it starts (a hang is attributable); the thread method ends a stuck test even when it
+    # is blocked in a system call, where the signal method cannot.
+    pytest = [sys.executable, "-m", "pytest", "-m", "guest", "-v", "--timeout", str(GUEST_TEST_TIMEOUT_S),
+              "--timeout-method", "thread", "--durations", "10", *rest]
     try:
         stock_kernel()  # fetched before the tests: the lab has no network
     except BuildError as exc:

@@ -6,6 +6,7 @@ import os
 import selectors
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,10 @@ from guestboot.lab.assets import lab_assets
 # Environment passed into the lab: the rest of the host's environment means nothing inside.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CI", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 PASSED_PREFIXES = ("PCLITE_",)
+
+
+MONITOR_SOCKET = "monitor.sock"
+BACKTRACE_GRACE_S = 15.0
 
 
 class LabError(Exception):
@@ -56,7 +61,11 @@ def qemu_command(request: LabRequest, results: Path, shares: list[tuple[str, Pat
     cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(request.cpus), "-m", str(request.mem_mib),
            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
            "-bios", "qboot.rom", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
-           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable",
+           # A stuck lab must end with a stack trace, not sit out the timeout: lockups and hung tasks panic,
+           # and the NMI sent at timeout (see _stream) panics with every CPU's backtrace.
+           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable softlockup_panic=1 hung_task_panic=1 "
+                      "hung_task_timeout_secs=300 unknown_nmi_panic=1 panic_print=0x40",
+           "-monitor", f"unix:{results / MONITOR_SOCKET},server=on,wait=off",
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
     for tag, path in shares:
@@ -86,7 +95,7 @@ def run_in_lab(request: LabRequest, out=None) -> int:
             f"LAB_RESULTS={shlex.quote(str(results))}\nLAB_NET={1 if request.forwards else 0}\n")
         cmd = qemu_command(request, results, shares)
         started = time.monotonic()
-        tail = _stream(cmd, request.timeout_s, out)
+        tail = _stream(cmd, request.timeout_s, out, monitor=results / MONITOR_SOCKET)
         exit_file = results / "exit-code"
         if not exit_file.exists():
             last = b"\n".join(tail.splitlines()[-15:]).decode(errors="replace")
@@ -95,17 +104,36 @@ def run_in_lab(request: LabRequest, out=None) -> int:
         return int(exit_file.read_text().strip() or "1")
 
 
-def _stream(cmd: list[str], timeout_s: float, out) -> bytes:
-    """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; kill it past the timeout."""
+def _send_nmi(monitor: Path) -> None:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(str(monitor))
+            sock.sendall(b"nmi\n")
+            time.sleep(0.5)
+    except OSError:
+        pass  # the backtrace is a courtesy; the timeout error is reported either way
+
+
+def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> bytes:
+    """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; past the timeout, ask the lab kernel for
+    its backtraces (NMI) and give it a few seconds to print them, then kill it."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s
     tail = b""
     pending = b""
+    timed_out = False
     try:
         while True:
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and not timed_out and monitor is not None:
+                timed_out = True
+                out.write(b"\npclite-lab: timeout; asking the lab kernel for backtraces (NMI)\n")
+                _send_nmi(monitor)
+                deadline = time.monotonic() + BACKTRACE_GRACE_S
+                continue
             if remaining <= 0:
                 proc.kill()
                 raise LabError(f"the lab did not finish within {timeout_s:.0f}s (--timeout); it was stopped")
@@ -113,6 +141,9 @@ def _stream(cmd: list[str], timeout_s: float, out) -> bytes:
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
+                if timed_out:
+                    raise LabError(f"the lab did not finish within {timeout_s:.0f}s (--timeout); it was stopped "
+                                   f"(backtraces above)")
                 break
             chunk = (pending + chunk).replace(b"\r\n", b"\n")
             pending = b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -20,7 +21,9 @@ class TimedBoot:
 def time_until_line(cmd: list[str], pattern: str, timeout_s: float = 60.0) -> TimedBoot:
     regex = re.compile(pattern.encode())
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Own session: the kill below reaches everything the VM process started.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     buffer = b""
     found = None
     selector = selectors.DefaultSelector()
@@ -41,14 +44,38 @@ def time_until_line(cmd: list[str], pattern: str, timeout_s: float = 60.0) -> Ti
             rest, _ = proc.communicate(timeout=10 if found else 1)
             buffer += rest or b""
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            pass
     finally:
         selector.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_bounded(proc)
+    if proc.returncode is None:
+        found = None
+        buffer += f"\n[harness: {_unkillable(proc.pid)}]\n".encode()
     text = buffer.decode(errors="replace").replace("\r", "")
     if found is None:
         return TimedBoot(None, "", text)
     return TimedBoot(found[0], found[1], text)
+
+
+def _kill_bounded(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGKILL the process group and wait a bounded time: a VMM stuck in the kernel must not hang the test run."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    proc.stdout.close()
+
+
+def _unkillable(pid: int) -> str:
+    """What the kernel says about a process that survived SIGKILL (state, wait channel, kernel stacks)."""
+    lines = [f"process {pid} survived SIGKILL for 20 s"]
+    for task in sorted(os.listdir(f"/proc/{pid}/task")) if os.path.isdir(f"/proc/{pid}/task") else []:
+        base = f"/proc/{pid}/task/{task}"
+        for name in ("stat", "wchan", "stack"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    lines.append(f"{task} {name}: {f.read().strip()}")
+            except OSError:
+                pass
+    return "\n".join(lines)
