@@ -2,10 +2,16 @@
 
   python -m hypervisor run --kernel PATH [--initrd PATH] [--cmdline STR] [--mem MiB] [--vcpus N]
                            [--console -|FILE|none] [--boot auto|pvh|bzimage|unpack] [--timeline]
+                           [--api-sock PATH [--detach]]
+  python -m hypervisor exec --api-sock PATH [--timeout S] [--cwd DIR] -- CMD ARGS...
 
-Runs one VM in the foreground; exits 0 when the guest powers off or reboots, nonzero when it fails.
+run: one VM in the foreground; exits 0 when the guest powers off or reboots, nonzero when it fails.
 --boot: auto (PVH for an ELF with the note, else its 64-bit entry; a bzImage via its 64-bit entry),
 pvh, bzimage (64-bit entry at +0x200), unpack (decompress a bzImage on the host, then PVH).
+--api-sock: serve the control API (GET /status, POST /exec, PUT /actions, GET /console) on that Unix
+socket; the VMM then stops when its parent process exits, unless --detach.
+exec: run CMD in the guest through its agent; prints its stdout/stderr and exits with its exit code
+(stdin is passed when it is not a terminal).
 """
 
 from hypervisor.timeline import Timeline
@@ -20,8 +26,10 @@ from hypervisor.cli_args import REQUIRED, UsageError, parse_options  # noqa: E40
 RUN_OPTIONS = {
     "--kernel": (str, REQUIRED), "--initrd": (str, None), "--cmdline": (str, "console=ttyS0 panic=-1"),
     "--mem": (int, 256), "--vcpus": (int, 1), "--console": (str, "-"), "--boot": (str, "auto"),
-    "--timeline": (bool, False),
+    "--timeline": (bool, False), "--api-sock": (str, None), "--detach": (bool, False),
 }
+EXEC_OPTIONS = {"--api-sock": (str, REQUIRED), "--timeout": (float, None), "--cwd": (str, "/")}
+PARENT_POLL_S = 0.5
 
 
 def _console_sink(target: str):
@@ -37,12 +45,15 @@ def cmd_run(argv: list[str]) -> int:
         raise UsageError(f"--boot must be auto, pvh, bzimage or unpack, got {opts['boot']!r}")
     from hypervisor.vm import KvmError, LoaderError, Machine, MachineConfig, VmConfigError
     TIMELINE.mark("vmm_ready")
+    from hypervisor.agent_channel import AgentChannel
+    agent = AgentChannel(lambda data: machine.console.push_input(data), lambda _: TIMELINE.mark("agent_ready"))
     config = MachineConfig(kernel=opts["kernel"], initrd=opts["initrd"], cmdline=opts["cmdline"],
                            mem_mib=opts["mem"], vcpus=opts["vcpus"], boot=opts["boot"],
-                           console_sink=_console_sink(opts["console"]))
+                           console_sink=_console_sink(opts["console"]), agent_sink=agent.feed)
     try:
         machine = Machine(config, TIMELINE)  # validates the config
-    except VmConfigError as exc:
+        server = _serve_api(opts, machine, agent) if opts["api_sock"] else None
+    except (VmConfigError, OSError) as exc:
         print(f"pclite: error: {exc}", file=sys.stderr)
         return 1
     try:
@@ -52,10 +63,15 @@ def cmd_run(argv: list[str]) -> int:
     except (VmConfigError, LoaderError, KvmError, OSError) as exc:
         print(f"pclite: error: {exc}", file=sys.stderr)
         machine.close()
+        if server:
+            server.close()
         return 1
     except KeyboardInterrupt:
         machine.stop("interrupted (Ctrl-C)", 130)
         code = 130
+    agent.close()
+    if server:
+        server.close()
     print(f"pclite: VM stopped: {machine.stop_reason}", file=sys.stderr)
     if opts["timeline"]:
         import json
@@ -66,11 +82,77 @@ def cmd_run(argv: list[str]) -> int:
     return code
 
 
+def _serve_api(opts: dict, machine, agent):
+    import signal
+    import threading
+
+    from hypervisor.api_server import ApiServer
+    from hypervisor.control import Controller
+    path = opts["api_sock"]
+    if _socket_in_use(path):
+        raise OSError(f"--api-sock {path} is in use by a running VMM: pick another path or stop that VM")
+    server = ApiServer(path, Controller(machine, agent, lambda n: bytes(machine.serial.tail[-n:] if n else b"")))
+    server.serve_in_background()
+    signal.signal(signal.SIGTERM, lambda *_: machine.stop("stopped by SIGTERM", 143))
+    if not opts["detach"]:
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            # getppid polling rather than PR_SET_PDEATHSIG: that fires when the parent *thread* exits,
+            # and a service starts VMMs from short-lived worker threads.
+            while not machine.wait_stopped(PARENT_POLL_S):
+                if os.getppid() != parent:
+                    machine.stop(f"parent process {parent} exited (start with --detach to outlive it)", 1)
+                    return
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    return server
+
+
+def _socket_in_use(path: str) -> bool:
+    import socket
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def cmd_exec(argv: list[str]) -> int:
+    split = argv.index("--") if "--" in argv else len(argv)
+    opts = parse_options(argv[:split], EXEC_OPTIONS, __doc__)
+    command = argv[split + 1:]
+    if not command:
+        raise UsageError(f"nothing to run: give the command after --\n{__doc__}")
+    from hypervisor.client import VmmClient, VmmError
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    try:
+        result = VmmClient(opts["api_sock"]).exec(command, stdin=stdin, cwd=opts["cwd"], timeout_s=opts["timeout"],
+                                                  output_cap=0)
+    except VmmError as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        return 125
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    if result.timed_out:
+        print(f"pclite: {command[0]} timed out after {opts['timeout']} s and was killed", file=sys.stderr)
+        return 124
+    if result.signal is not None:
+        print(f"pclite: {command[0]} was killed by signal {result.signal}", file=sys.stderr)
+        return 128 + result.signal
+    return result.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["run"]:
             return cmd_run(argv[1:])
+        if argv[:1] == ["exec"]:
+            return cmd_exec(argv[1:])
         raise UsageError(__doc__)
     except UsageError as exc:
         print(f"pclite: {exc}", file=sys.stderr)

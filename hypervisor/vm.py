@@ -42,6 +42,7 @@ class MachineConfig:
     boot: str = "auto"  # auto | pvh | bzimage | unpack
     console_sink: object = None  # callable(bytes) or None to discard
     extra_cmdline: list[str] = field(default_factory=list)
+    agent_sink: object = None  # callable(bytes): what the guest writes to /dev/hvc0 (the agent channel)
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -86,7 +87,7 @@ class Machine:
         cfg = self.config
         kernel = _map_file(cfg.kernel)
         initrd = _map_file(cfg.initrd) if cfg.initrd else None
-        cmdline = " ".join([cfg.cmdline, *cfg.extra_cmdline]).strip()
+        cmdline = " ".join([cfg.cmdline, *cfg.extra_cmdline, *self._virtio_cmdline()]).strip()
         self.plan = plan_boot(kernel, initrd=initrd, cmdline=cmdline, mem_bytes=cfg.mem_mib << 20,
                               vcpus=cfg.vcpus, boot=cfg.boot)
         self.kvm = Kvm()
@@ -122,6 +123,35 @@ class Machine:
             self.pio_bus.register(port, length, QuietPorts())
         self.boot_timer = BootTimer(lambda: self.timeline.mark("init_reached"))
         self.mmio_bus.register(layout.BOOT_TIMER_ADDR, 0x10, self.boot_timer)
+        self._add_virtio()
+
+    # virtio-mmio slots, in this order, one 4 KiB window and one IRQ each (announced on the kernel cmdline).
+    VIRTIO_SLOTS = ("rng", "console")
+
+    def _virtio_cmdline(self) -> list[str]:
+        from hypervisor.virtio.mmio import cmdline_arg
+        return [cmdline_arg(layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index)
+                for index in range(len(self.VIRTIO_SLOTS))]
+
+    def _add_virtio(self) -> None:
+        from hypervisor.virtio.console import ConsoleDevice
+        from hypervisor.virtio.mmio import MmioTransport
+        from hypervisor.virtio.rng import RngDevice
+        self.rng = RngDevice()
+        self.console = ConsoleDevice(on_output=self.config.agent_sink)
+        for index, (name, device) in enumerate(zip(self.VIRTIO_SLOTS, (self.rng, self.console), strict=True)):
+            transport = MmioTransport(device, self.memory, self.irq_trigger(layout.VIRTIO_IRQ_BASE + index), name)
+            self.mmio_bus.register(layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE,
+                                   layout.VIRTIO_MMIO_SIZE, transport)
+
+    def devices(self) -> list[dict]:
+        """What the guest sees, for the control API's /status."""
+        found = []
+        for bus in (self.pio_bus, self.mmio_bus):
+            for base, length, device in bus.devices():
+                name = getattr(device, "name", None) or type(device).__name__
+                found.append({"bus": bus.name, "base": base, "length": length, "device": name})
+        return found
 
     def _create_vcpus(self) -> None:
         supported = self.kvm.supported_cpuid()
@@ -144,6 +174,9 @@ class Machine:
     def wait(self, timeout: float | None = None) -> int:
         self._stopped.wait(timeout)
         return self.exit_code
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
 
     def stop(self, reason: str, code: int) -> None:
         if self.stopping:

@@ -1,4 +1,4 @@
-"""python -m guestboot.initramfs build [--print-path] [--no-gzip]"""
+"""python -m guestboot.initramfs build [--print-path] [--no-gzip] [--no-agent]"""
 
 import argparse
 import sys
@@ -13,9 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="build (or find cached) the guest initramfs")
     build.add_argument("--print-path", action="store_true", help="print the initramfs path")
     build.add_argument("--no-gzip", action="store_true", help="uncompressed cpio")
+    build.add_argument("--no-agent", action="store_true", help="leave out /sbin/pclite-agent (built by default)")
     args = parser.parse_args(argv)
     try:
-        path = build_initramfs(compress=not args.no_gzip)
+        path = build_initramfs(compress=not args.no_gzip, agent=not args.no_agent)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The guest initramfs: busybox-static with its applet links, the pclite /init, and (when given) extra files."""
+"""The guest initramfs: busybox-static with its applet links, the pclite /init, the agent, and any extra files."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from guestboot.agent.build import build_agent
 from guestboot.cache import BuildError, cache_root, content_key, describe_os_error, publish_dir
 from guestboot.initramfs.cpio import CpioArchive
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 DEFAULT_BUSYBOX = Path("/bin/busybox")
+AGENT_GUEST_PATH = "sbin/pclite-agent"
 RECIPE_VERSION = "1"
 
 
@@ -68,15 +70,22 @@ def compose(busybox: bytes, applets: list[str], init: bytes, extra: dict[str, tu
     return archive
 
 
-def build_initramfs(extra_files: dict[str, Path] | None = None, compress: bool = True) -> Path:
-    """Build (or find cached) the initramfs; extra_files maps guest paths to host files (e.g. the agent)."""
+def build_initramfs(extra_files: dict[str, Path] | None = None, compress: bool = True, agent: bool = True) -> Path:
+    """Build (or find cached) the initramfs; extra_files maps guest paths to host files.
+
+    With agent (the default) the guest agent is built (cached) and added at /sbin/pclite-agent, unless extra_files
+    already gives one.
+    """
     bb_path = busybox_path()
     busybox = read_busybox(bb_path)
     init = INIT_SCRIPT.read_bytes()
+    files = {path.lstrip("/"): host for path, host in (extra_files or {}).items()}
+    if agent and AGENT_GUEST_PATH not in files:
+        files[AGENT_GUEST_PATH] = build_agent()
     extra = {}
-    for guest_path, host_path in sorted((extra_files or {}).items()):
+    for guest_path, host_path in sorted(files.items()):
         try:
-            extra[guest_path.lstrip("/")] = (host_path.read_bytes(), 0o755)
+            extra[guest_path] = (Path(host_path).read_bytes(), 0o755)
         except FileNotFoundError:
             raise BuildError(f"initramfs extra file {host_path} is missing") from None
     key_parts = [b"pclite-initramfs", RECIPE_VERSION, busybox, init, str(compress)]

@@ -1,0 +1,452 @@
+"""The pclite agent wire protocol (PROTOCOL.md): frame codec and message payloads, pure Python, no I/O.
+
+A frame is a 12-byte little-endian header `<IIHH` (payload_len, id, type, flags) then the payload. `FrameDecoder`
+turns a byte stream fed in arbitrary pieces into `Frame`s; each message with a structured payload has a frozen
+dataclass with `encode() -> bytes` (the payload), `decode(payload)` and, for requests, `frame(id) -> Frame`.
+Anything malformed raises `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+VERSION = "pclite-agent/1"
+HEADER = struct.Struct("<IIHH")
+HEADER_SIZE = HEADER.size  # 12
+MAX_PAYLOAD = 1 << 20
+MAX_READ_LEN = MAX_PAYLOAD - 64
+MAX_OUTPUT_CHUNK = 64 * 1024
+MAX_EXECS = 64
+DEFAULT_ENV = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb")
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid frame or payload (or values that cannot be encoded); the message says which."""
+
+
+class MsgType(IntEnum):
+    # host -> agent
+    PING = 1
+    EXEC = 2
+    STDIN = 3
+    SIGNAL = 4
+    WRITE_FILE = 5
+    READ_FILE = 6
+    SET_CLOCK = 7
+    RESEED = 8
+    SET_HOSTNAME = 9
+    SHUTDOWN = 10
+    # agent -> host
+    READY = 0x80
+    OK = 0x81
+    ERROR = 0x82
+    STARTED = 0x83
+    STDOUT = 0x84
+    STDERR = 0x85
+    EXIT = 0x86
+    DATA = 0x87
+
+
+class ExecFlags(IntFlag):
+    STDIN_FOLLOWS = 1
+
+
+class WriteFlags(IntFlag):
+    APPEND = 1
+    MKDIRS = 2
+
+
+class ShutdownHow(IntEnum):
+    POWEROFF = 0
+    REBOOT = 1
+
+
+def _type_name(type_: int) -> str:
+    try:
+        return MsgType(type_).name
+    except ValueError:
+        return f"type {type_:#x}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    id: int
+    payload: bytes = b""
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        return encode_frame(self.type, self.id, self.payload, self.flags)
+
+    def __repr__(self) -> str:
+        shown = self.payload if len(self.payload) <= 32 else self.payload[:32] + b"..."
+        return f"Frame({_type_name(self.type)}, id={self.id}, {len(self.payload)} bytes {shown!r})"
+
+
+def encode_frame(type_: int, id_: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"{_type_name(type_)} payload of {len(payload)} bytes exceeds the maximum of "
+                            f"{MAX_PAYLOAD} bytes")
+    try:
+        return HEADER.pack(len(payload), id_, type_, flags) + bytes(payload)
+    except struct.error as exc:
+        raise ProtocolError(f"cannot encode frame header (id={id_}, type={type_}, flags={flags}): {exc}") from None
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() any slice of the stream, get the frames it completed, in order.
+
+    After a ProtocolError the stream is unusable (there is no way to find the next frame boundary) and every
+    further feed() raises again.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that do not yet form a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        frames = []
+        offset = 0
+        buffer = self._buffer
+        while len(buffer) - offset >= HEADER_SIZE:
+            length, id_, type_, flags = HEADER.unpack_from(buffer, offset)
+            if length > self.max_payload:
+                header = bytes(buffer[offset:offset + HEADER_SIZE]).hex()
+                self._error = ProtocolError(
+                    f"frame header {header} (id={id_}, {_type_name(type_)}) declares a {length}-byte payload, "
+                    f"over the {self.max_payload}-byte maximum: the stream is out of sync or corrupt")
+                del buffer[:offset]
+                raise self._error
+            end = offset + HEADER_SIZE + length
+            if len(buffer) < end:
+                break
+            frames.append(Frame(type_, id_, bytes(buffer[offset + HEADER_SIZE:end]), flags))
+            offset = end
+        del buffer[:offset]
+        return frames
+
+
+# ---- payload helpers ----
+
+def _cstr(value: str, what: str) -> bytes:
+    data = value.encode()
+    if b"\0" in data:
+        raise ProtocolError(f"{what} {value!r} contains a NUL byte")
+    return data + b"\0"
+
+
+class _Reader:
+    """Reads a payload: fixed fields, then NUL-terminated UTF-8 strings."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self.payload, self.what, self.offset = bytes(payload), what, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        if len(self.payload) - self.offset < size:
+            raise ProtocolError(f"{self.what} payload of {len(self.payload)} bytes is too short for its "
+                                f"{size}-byte {fmt} fields")
+        values = struct.unpack_from(fmt, self.payload, self.offset)
+        self.offset += size
+        return values
+
+    def string(self, name: str) -> str:
+        end = self.payload.find(b"\0", self.offset)
+        if end < 0:
+            raise ProtocolError(f"{self.what} payload ends before the NUL that terminates its {name}")
+        raw = self.payload[self.offset:end]
+        self.offset = end + 1
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"{self.what} {name} is not valid UTF-8: {exc}") from None
+
+    def rest(self) -> bytes:
+        return self.payload[self.offset:]
+
+
+def _pack(what: str, fmt: str, *values) -> bytes:
+    try:
+        return struct.pack(fmt, *values)
+    except struct.error as exc:
+        raise ProtocolError(f"cannot encode {what} fields {values}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """EXEC: run argv in cwd ("" = the agent's own) with env (empty = DEFAULT_ENV)."""
+    argv: tuple[str, ...]
+    cwd: str = "/"
+    env: tuple[str, ...] = ()
+    timeout_ms: int = 0
+    output_cap: int = 0
+    stdin: bool = False  # STDIN_FOLLOWS: stdin is a pipe fed by STDIN frames (otherwise /dev/null)
+
+    TYPE = MsgType.EXEC
+
+    def encode(self) -> bytes:
+        if not self.argv:
+            raise ProtocolError("EXEC needs at least argv[0]")
+        for item in self.env:
+            if "=" not in item:
+                raise ProtocolError(f"EXEC env entry {item!r} is not K=V")
+        flags = ExecFlags.STDIN_FOLLOWS if self.stdin else 0
+        head = _pack("EXEC", "<IIIHH", self.timeout_ms, self.output_cap, flags, len(self.argv), len(self.env))
+        strings = [_cstr(self.cwd, "EXEC cwd")]
+        strings += [_cstr(arg, "EXEC argv entry") for arg in self.argv]
+        strings += [_cstr(item, "EXEC env entry") for item in self.env]
+        return head + b"".join(strings)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ExecRequest:
+        reader = _Reader(payload, "EXEC")
+        timeout_ms, output_cap, flags, argc, envc = reader.unpack("<IIIHH")
+        cwd = reader.string("cwd")
+        argv = tuple(reader.string(f"argv[{i}]") for i in range(argc))
+        env = tuple(reader.string(f"env[{i}]") for i in range(envc))
+        return cls(argv, cwd, env, timeout_ms, output_cap, bool(flags & ExecFlags.STDIN_FOLLOWS))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    signo: int
+
+    TYPE = MsgType.SIGNAL
+
+    def encode(self) -> bytes:
+        return _pack("SIGNAL", "<I", self.signo)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SignalRequest:
+        return cls(*_Reader(payload, "SIGNAL").unpack("<I"))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class WriteFileRequest:
+    path: str
+    data: bytes
+    mode: int = 0o644
+    append: bool = False
+    mkdirs: bool = False
+
+    TYPE = MsgType.WRITE_FILE
+
+    def encode(self) -> bytes:
+        flags = (WriteFlags.APPEND if self.append else 0) | (WriteFlags.MKDIRS if self.mkdirs else 0)
+        return _pack("WRITE_FILE", "<II", self.mode, flags) + _cstr(self.path, "WRITE_FILE path") + bytes(self.data)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> WriteFileRequest:
+        reader = _Reader(payload, "WRITE_FILE")
+        mode, flags = reader.unpack("<II")
+        path = reader.string("path")
+        return cls(path, reader.rest(), mode, bool(flags & WriteFlags.APPEND), bool(flags & WriteFlags.MKDIRS))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class ReadFileRequest:
+    path: str
+    offset: int = 0
+    max_len: int = MAX_READ_LEN
+
+    TYPE = MsgType.READ_FILE
+
+    def encode(self) -> bytes:
+        if not 0 <= self.max_len <= MAX_READ_LEN:
+            raise ProtocolError(f"READ_FILE max_len {self.max_len} is outside 0..{MAX_READ_LEN}")
+        return _pack("READ_FILE", "<QI", self.offset, self.max_len) + _cstr(self.path, "READ_FILE path")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ReadFileRequest:
+        reader = _Reader(payload, "READ_FILE")
+        offset, max_len = reader.unpack("<QI")
+        return cls(reader.string("path"), offset, max_len)
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class SetClockRequest:
+    seconds: int
+    nanoseconds: int = 0
+
+    TYPE = MsgType.SET_CLOCK
+
+    @classmethod
+    def from_ns(cls, unix_ns: int) -> SetClockRequest:
+        return cls(*divmod(unix_ns, 1_000_000_000))
+
+    def encode(self) -> bytes:
+        if not 0 <= self.nanoseconds < 1_000_000_000:
+            raise ProtocolError(f"SET_CLOCK nanoseconds {self.nanoseconds} is outside 0..999999999")
+        return _pack("SET_CLOCK", "<QI", self.seconds, self.nanoseconds)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SetClockRequest:
+        return cls(*_Reader(payload, "SET_CLOCK").unpack("<QI"))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class ShutdownRequest:
+    how: ShutdownHow = ShutdownHow.POWEROFF
+
+    TYPE = MsgType.SHUTDOWN
+
+    def encode(self) -> bytes:
+        return _pack("SHUTDOWN", "<I", self.how)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ShutdownRequest:
+        (how,) = _Reader(payload, "SHUTDOWN").unpack("<I")
+        try:
+            return cls(ShutdownHow(how))
+        except ValueError:
+            raise ProtocolError(f"SHUTDOWN how {how} is neither 0 (poweroff) nor 1 (reboot)") from None
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+@dataclass(frozen=True)
+class Ready:
+    """READY (id 0): `pclite-agent/1 <kernel release>`."""
+    version: str
+    kernel_release: str
+
+    TYPE = MsgType.READY
+
+    def encode(self) -> bytes:
+        return f"{self.version} {self.kernel_release}".encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ready:
+        try:
+            text = bytes(payload).decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"READY payload is not UTF-8: {exc}") from None
+        version, sep, release = text.partition(" ")
+        if not sep or not version.startswith("pclite-agent/"):
+            raise ProtocolError(f"READY payload {text!r} is not 'pclite-agent/<n> <kernel release>'")
+        return cls(version, release)
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    errno: int
+    message: str
+
+    TYPE = MsgType.ERROR
+
+    def encode(self) -> bytes:
+        return _pack("ERROR", "<i", self.errno) + _cstr(self.message, "ERROR message")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ErrorReply:
+        reader = _Reader(payload, "ERROR")
+        (errno,) = reader.unpack("<i")
+        return cls(errno, reader.string("message"))
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+
+    TYPE = MsgType.STARTED
+
+    def encode(self) -> bytes:
+        return _pack("STARTED", "<I", self.pid)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Started:
+        return cls(*_Reader(payload, "STARTED").unpack("<I"))
+
+
+class ExitKind(IntEnum):
+    EXITED = 0
+    SIGNALED = 1
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """EXIT: code is the exit status (kind EXITED) or the signal number (kind SIGNALED)."""
+    kind: ExitKind
+    code: int
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_us: int = 0
+
+    TYPE = MsgType.EXIT
+
+    @property
+    def signaled(self) -> bool:
+        return self.kind == ExitKind.SIGNALED
+
+    def encode(self) -> bytes:
+        return _pack("EXIT", "<BBBBiQ", self.kind, self.timed_out, self.stdout_truncated, self.stderr_truncated,
+                     self.code, self.duration_us)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ExitStatus:
+        kind, timed_out, out_trunc, err_trunc, code, duration = _Reader(payload, "EXIT").unpack("<BBBBiQ")
+        try:
+            kind = ExitKind(kind)
+        except ValueError:
+            raise ProtocolError(f"EXIT kind {kind} is neither 0 (exited) nor 1 (signaled)") from None
+        return cls(kind, code, bool(timed_out), bool(out_trunc), bool(err_trunc), duration)
+
+
+# Frames whose payload is plain bytes (PING, STDIN, RESEED, SET_HOSTNAME, OK, STDOUT, STDERR, DATA) need no class.
+
+def ping(id_: int, payload: bytes = b"") -> Frame:
+    return Frame(MsgType.PING, id_, bytes(payload))
+
+
+def stdin(exec_id: int, data: bytes) -> Frame:
+    """STDIN data for an exec; empty data closes the child's stdin."""
+    return Frame(MsgType.STDIN, exec_id, bytes(data))
+
+
+def reseed(id_: int, entropy: bytes) -> Frame:
+    return Frame(MsgType.RESEED, id_, bytes(entropy))
+
+
+def set_hostname(id_: int, name: str) -> Frame:
+    data = name.encode()
+    if b"\0" in data:
+        raise ProtocolError(f"SET_HOSTNAME name {name!r} contains a NUL byte")
+    return Frame(MsgType.SET_HOSTNAME, id_, data)
+
+
+_DECODERS = {cls.TYPE: cls for cls in (ExecRequest, SignalRequest, WriteFileRequest, ReadFileRequest,
+                                       SetClockRequest, ShutdownRequest, Ready, ErrorReply, Started, ExitStatus)}
+
+
+def decode_payload(frame: Frame):
+    """The typed message of a frame: a dataclass for structured payloads, the raw bytes for the others."""
+    cls = _DECODERS.get(frame.type)
+    return frame.payload if cls is None else cls.decode(frame.payload)

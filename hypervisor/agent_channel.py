@@ -1,0 +1,209 @@
+"""The host end of the guest agent's byte stream (virtio-console): frames out, replies routed to their callers.
+
+Frames from the guest arrive on the vCPU thread (a console TX kick); they are decoded there and handed to the
+waiting API thread through a per-request queue, so the vCPU thread never blocks on a slow client.
+The wire format is guestboot/agent/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from guestboot.agent import protocol as P
+from guestboot.agent.protocol import MsgType as T
+
+log = logging.getLogger("pclite.agent")
+
+STDIN_CHUNK = 256 << 10
+EXEC_GRACE_S = 10.0  # the agent enforces the exec timeout; the host waits this much longer before giving up
+_CLOSED = object()
+
+
+class AgentError(Exception):
+    """The agent refused or failed a request; the message is the agent's own sentence."""
+
+    def __init__(self, message: str, errno: int = 0):
+        super().__init__(message)
+        self.errno = errno
+
+
+class AgentUnavailable(AgentError):
+    """No agent to talk to: not ready yet, gone, or not answering in time."""
+
+
+@dataclass
+class ExecOutcome:
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_s: float
+    pid: int | None = None
+
+    def as_json(self) -> dict:
+        import base64
+        return {"exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
+                "stdout_b64": base64.b64encode(self.stdout).decode(),
+                "stderr_b64": base64.b64encode(self.stderr).decode(),
+                "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated,
+                "duration_ms": round(self.duration_s * 1000, 3), "pid": self.pid}
+
+
+class AgentChannel:
+    def __init__(self, send_bytes: Callable[[bytes], int], on_ready: Callable[[str], None] | None = None):
+        self._send_bytes = send_bytes  # returns how many bytes were taken (0 while the guest is not reading)
+        self._on_ready = on_ready
+        self._decoder = P.FrameDecoder()
+        self._pending: dict[int, queue.SimpleQueue] = {}
+        self._pending_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.ready = threading.Event()
+        self.version: str | None = None
+        self.closed = False
+        self.protocol_error: str | None = None
+
+    # ---- guest -> host (vCPU thread)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except P.ProtocolError as exc:
+            self.protocol_error = f"agent sent a malformed frame ({exc}); the channel is closed"
+            log.warning(self.protocol_error)
+            self.close()
+            return
+        for frame in frames:
+            if frame.type == T.READY:
+                self.version = frame.payload.decode(errors="replace")
+                self.ready.set()
+                if self._on_ready:
+                    self._on_ready(self.version)
+                continue
+            with self._pending_lock:
+                waiter = self._pending.get(frame.id)
+            if waiter is not None:
+                waiter.put(frame)
+            else:
+                log.debug("agent frame type %#x for unknown request %d dropped", frame.type, frame.id)
+
+    def close(self) -> None:
+        """The VM stopped (or the stream broke): wake every waiter."""
+        self.closed = True
+        with self._pending_lock:
+            for waiter in self._pending.values():
+                waiter.put(_CLOSED)
+
+    # ---- host -> guest (API threads)
+
+    def _send(self, frame_type: int, request_id: int, payload: bytes = b"", deadline: float | None = None) -> None:
+        data = memoryview(P.encode_frame(frame_type, request_id, payload))
+        with self._send_lock:  # one frame at a time: frames must never interleave on the stream
+            while data:
+                if self.closed:
+                    raise AgentUnavailable(self._closed_reason())
+                taken = self._send_bytes(data)
+                data = data[taken:]
+                if data:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise AgentUnavailable("the guest agent stopped reading its channel (send timed out)")
+                    time.sleep(0.002)  # the guest has not posted receive buffers yet
+
+    def _closed_reason(self) -> str:
+        return self.protocol_error or "the VM has stopped: its agent is gone"
+
+    def _open(self) -> tuple[int, queue.SimpleQueue]:
+        if self.closed:
+            raise AgentUnavailable(self._closed_reason())
+        if not self.ready.is_set():
+            raise AgentUnavailable("the guest agent is not ready yet: wait for agent_ready in GET /status")
+        request_id = next(self._ids)
+        waiter: queue.SimpleQueue = queue.SimpleQueue()
+        with self._pending_lock:
+            self._pending[request_id] = waiter
+        return request_id, waiter
+
+    def _done(self, request_id: int) -> None:
+        with self._pending_lock:
+            self._pending.pop(request_id, None)
+
+    def _next(self, waiter: queue.SimpleQueue, deadline: float, what: str):
+        try:
+            frame = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AgentUnavailable(f"the guest agent did not answer {what} in time") from None
+        if frame is _CLOSED:
+            raise AgentUnavailable(self._closed_reason())
+        if frame.type == T.ERROR:
+            error = P.ErrorReply.decode(frame.payload)
+            raise AgentError(error.message, error.errno)
+        return frame
+
+    def request(self, frame_type: int, payload: bytes = b"", timeout_s: float = 10.0) -> bytes:
+        """One request, one reply (OK or DATA); returns the reply payload."""
+        request_id, waiter = self._open()
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._send(frame_type, request_id, payload, deadline)
+            return self._next(waiter, deadline, T(frame_type).name).payload
+        finally:
+            self._done(request_id)
+
+    def ping(self, timeout_s: float = 5.0) -> float:
+        started = time.monotonic()
+        self.request(T.PING, b"ping", timeout_s)
+        return time.monotonic() - started
+
+    def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str = "/",
+             stdin: bytes | None = None, timeout_s: float | None = None, output_cap: int = 1 << 20,
+             on_output: Callable[[int, bytes], None] | None = None) -> ExecOutcome:
+        """Run argv in the guest. on_output(stream, data) streams output (stream 1 stdout, 2 stderr)."""
+        request_id, waiter = self._open()
+        timeout_ms = int(timeout_s * 1000) if timeout_s else 0
+        # With no exec timeout the host still needs a bound on a silent agent; output resets it.
+        patience = (timeout_s or 3600.0) + EXEC_GRACE_S
+        deadline = time.monotonic() + patience
+        started = time.monotonic()
+        out, err = bytearray(), bytearray()
+        pid = None
+        try:
+            env_list = [f"{k}={v}" for k, v in (env or {}).items()]
+            payload = P.ExecRequest(tuple(argv), cwd, tuple(env_list), timeout_ms, output_cap, stdin is not None)
+            self._send(T.EXEC, request_id, payload.encode(), deadline)
+            if stdin is not None:
+                view = memoryview(stdin)
+                for offset in range(0, len(view), STDIN_CHUNK):
+                    self._send(T.STDIN, request_id, bytes(view[offset:offset + STDIN_CHUNK]), deadline)
+                self._send(T.STDIN, request_id, b"", deadline)
+            while True:
+                frame = self._next(waiter, deadline, "exec")
+                if frame.type == T.STARTED:
+                    pid = P.Started.decode(frame.payload).pid
+                elif frame.type in (T.STDOUT, T.STDERR):
+                    (out if frame.type == T.STDOUT else err).extend(frame.payload)
+                    if on_output:
+                        on_output(1 if frame.type == T.STDOUT else 2, frame.payload)
+                elif frame.type == T.EXIT:
+                    status = P.ExitStatus.decode(frame.payload)
+                    return ExecOutcome(
+                        exit_code=status.code if status.kind == 0 else None,
+                        signal=status.code if status.kind == 1 else None, timed_out=bool(status.timed_out),
+                        stdout=bytes(out), stderr=bytes(err), stdout_truncated=bool(status.stdout_truncated),
+                        stderr_truncated=bool(status.stderr_truncated),
+                        duration_s=status.duration_us / 1e6 if status.duration_us else time.monotonic() - started,
+                        pid=pid)
+        finally:
+            self._done(request_id)
+
+    def signal(self, exec_id: int, signo: int) -> None:
+        """Signal a running exec's process group. The agent's OK goes to the exec's own waiter, which skips it."""
+        self._send(T.SIGNAL, exec_id, P.SignalRequest(signo).encode(), time.monotonic() + 5)

@@ -1,0 +1,165 @@
+"""A small HTTP/1.1 server on a Unix socket for the VMM's control API (Firecracker-style).
+
+Hand-rolled on purpose: http.server pulls in email/html/mimetypes (~0.1 s of start-up in the lab) and we need
+only JSON requests with Content-Length, plain responses, and chunked streaming. One thread per connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+MAX_HEADER_BYTES = 16 << 10
+MAX_BODY_BYTES = 64 << 20  # exec stdin is sent inline (base64): room for ~48 MiB of it
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+
+
+class HttpError(Exception):
+    """Raised by a handler: becomes a JSON {"error": message} response with this status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Request:
+    def __init__(self, method: str, path: str, query: dict[str, str], body: bytes):
+        self.method, self.path, self.query, self.body = method, path, query, body
+
+    def json(self) -> dict:
+        if not self.body:
+            return {}
+        try:
+            value = json.loads(self.body)
+        except ValueError as exc:
+            raise HttpError(400, f"request body is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise HttpError(400, "request body must be a JSON object")
+        return value
+
+
+class Response:
+    """body: bytes, a JSON-able value, or an iterator of bytes (sent chunked, for streaming)."""
+
+    def __init__(self, status: int = 200, body: object = None, content_type: str = "application/json"):
+        self.status, self.body, self.content_type = status, body, content_type
+
+
+Handler = Callable[[Request], Response]
+
+
+def _parse_query(raw: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+    return dict(parse_qsl(raw, keep_blank_values=True))
+
+
+class ApiServer:
+    def __init__(self, path: str, handler: Handler):
+        self.path = path
+        self.handler = handler
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a dead VMM; a live one would have been refused by the caller
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self._closed = False
+
+    def serve_in_background(self) -> None:
+        threading.Thread(target=self._accept_loop, name="api-accept", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            try:
+                while self._serve_one(conn, reader):
+                    pass
+            except (OSError, ValueError):
+                pass  # the client went away mid-request
+
+    def _serve_one(self, conn: socket.socket, reader) -> bool:
+        line = reader.readline(MAX_HEADER_BYTES)
+        if not line:
+            return False
+        try:
+            method, target, version = line.decode("latin-1").split()
+        except ValueError:
+            self._send(conn, Response(400, {"error": "malformed HTTP request line"}), keep_alive=False)
+            return False
+        headers, size = {}, len(line)
+        while True:
+            header = reader.readline(MAX_HEADER_BYTES)
+            size += len(header)
+            if header in (b"\r\n", b"\n", b""):
+                break
+            if size > MAX_HEADER_BYTES:
+                self._send(conn, Response(413, {"error": "request headers too large"}), keep_alive=False)
+                return False
+            name, _, value = header.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            self._send(conn, Response(400, {"error": "bad Content-Length"}), keep_alive=False)
+            return False
+        if length > MAX_BODY_BYTES:
+            self._send(conn, Response(413, {"error": f"request body of {length} bytes is over the "
+                                                     f"{MAX_BODY_BYTES} byte limit: send less per request"}),
+                       keep_alive=False)
+            return False
+        body = reader.read(length) if length else b""
+        path, _, raw_query = target.partition("?")
+        try:
+            response = self.handler(Request(method, path, _parse_query(raw_query), body))
+        except HttpError as exc:
+            response = Response(exc.status, {"error": str(exc)})
+        except Exception as exc:  # a handler bug must not kill the VMM; say what broke
+            response = Response(500, {"error": f"VMM API handler failed: {type(exc).__name__}: {exc}"})
+        self._send(conn, response, keep_alive)
+        return keep_alive
+
+    @staticmethod
+    def _send(conn: socket.socket, response: Response, keep_alive: bool) -> None:
+        head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
+                f"Content-Type: {response.content_type}",
+                f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        body = response.body
+        if isinstance(body, Iterator):
+            head.append("Transfer-Encoding: chunked")
+            conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            for piece in body:
+                if piece:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.sendall(b"0\r\n\r\n")
+            return
+        if body is None:
+            data = b""
+        elif isinstance(body, bytes):
+            data = body
+        else:
+            data = json.dumps(body).encode()
+        head.append(f"Content-Length: {len(data)}")
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
