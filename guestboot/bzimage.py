@@ -7,7 +7,7 @@ loaded at pref_address and entered at its 64-bit entry (+0x200), or its payload 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from guestboot.plan import LoaderError
 
@@ -64,28 +64,29 @@ _FIELDS = {
 }
 
 
-@dataclass(frozen=True)
-class SetupHeader:
-    setup_sects: int          # 512-byte sectors of real-mode setup after the boot sector (0 already mapped to 4)
-    syssize: int
-    boot_flag: int
-    jump: int
-    version: int              # boot protocol, e.g. 0x020F
-    kernel_version: int       # offset - 0x200 of the version string
-    loadflags: int
-    code32_start: int
-    initrd_addr_max: int
-    kernel_alignment: int
-    relocatable_kernel: int
-    min_alignment: int
-    xloadflags: int
-    cmdline_size: int         # longest command line the kernel accepts, without the NUL
-    payload_offset: int       # relative to the protected-mode code
-    payload_length: int
-    pref_address: int
-    init_size: int            # memory from the load address the kernel needs until it has relocated itself
-    handover_offset: int
-    header_end: int           # 0x202 + the jump byte at 0x201: where the header bytes to copy end
+class SetupHeader(namedtuple("SetupHeader", (
+    "setup_sects",       # 512-byte sectors of real-mode setup after the boot sector (0 already mapped to 4)
+    "syssize",
+    "boot_flag",
+    "jump",
+    "version",           # boot protocol, e.g. 0x020F
+    "kernel_version",    # offset - 0x200 of the version string
+    "loadflags",
+    "code32_start",
+    "initrd_addr_max",
+    "kernel_alignment",
+    "relocatable_kernel",
+    "min_alignment",
+    "xloadflags",
+    "cmdline_size",      # longest command line the kernel accepts, without the NUL
+    "payload_offset",    # relative to the protected-mode code
+    "payload_length",
+    "pref_address",
+    "init_size",         # memory from the load address the kernel needs until it has relocated itself
+    "handover_offset",
+    "header_end",        # 0x202 + the jump byte at 0x201: where the header bytes to copy end
+))):
+    __slots__ = ()
 
     @property
     def protocol(self) -> str:

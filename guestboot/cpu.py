@@ -7,7 +7,7 @@ into kvm_sregs/kvm_regs; segment names match kvm_sregs fields.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from guestboot.layout import BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, MIB, PD_ADDR, PDPT_ADDR, PML4_ADDR
 from guestboot.plan import BootPlan, LoaderError, Segment
@@ -36,20 +36,10 @@ IDENTITY_PDS = 4   # 4 x 512 x 2 MiB = the first 4 GiB
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr")
 
 
-@dataclass(frozen=True)
-class SegmentDesc:
+class SegmentDesc(namedtuple("SegmentDesc", "base limit selector type present dpl db s l g avl",
+                             defaults=(1, 0, 0, 1, 0, 0, 0))):
     """A kvm_segment: limit is in bytes (already scaled by g), type is the 4-bit descriptor type."""
-    base: int
-    limit: int
-    selector: int
-    type: int
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0
-    g: int = 0
-    avl: int = 0
+    __slots__ = ()
 
     def descriptor(self) -> bytes:
         """The 8-byte GDT entry for this segment."""
@@ -61,20 +51,12 @@ class SegmentDesc:
         return value.to_bytes(8, "little")
 
 
-@dataclass(frozen=True)
-class CpuState:
-    segments: dict[str, SegmentDesc]  # cs, ds, es, fs, gs, ss, tr
-    gdt: tuple[int, int]              # (base, limit)
-    idt: tuple[int, int]
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    rip: int
-    rsp: int
-    rsi: int
-    rbx: int
-    rflags: int = RFLAGS_RESERVED
+CpuState = namedtuple("CpuState", (
+    "segments",  # dict[str, SegmentDesc]: cs, ds, es, fs, gs, ss, tr
+    "gdt",       # (base, limit)
+    "idt",
+    "cr0", "cr3", "cr4", "efer", "rip", "rsp", "rsi", "rbx", "rflags",
+), defaults=(RFLAGS_RESERVED,))
 
 
 def segment(selector: int, *, entry_mode: str) -> SegmentDesc:

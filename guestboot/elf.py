@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from guestboot.plan import LoaderError
 
@@ -22,22 +22,24 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 _NHDR = struct.Struct("<III")
 
 
-@dataclass(frozen=True)
-class ElfSegment:
-    paddr: int
-    data: memoryview  # p_filesz bytes from the file
-    memsz: int        # bytes past len(data) up to memsz are zero (bss): fresh guest RAM already is
+class ElfSegment(namedtuple("ElfSegment", (
+    "paddr",
+    "data",    # memoryview: p_filesz bytes from the file
+    "memsz",   # bytes past len(data) up to memsz are zero (bss): fresh guest RAM already is
+))):
+    __slots__ = ()
 
     @property
     def end(self) -> int:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class ElfImage:
-    entry: int               # e_entry: for vmlinux the physical address of startup_64 (64-bit boot protocol)
-    segments: list[ElfSegment]
-    pvh_entry: int | None    # 32-bit PVH entry from the Xen PHYS32_ENTRY note, if the kernel has one
+class ElfImage(namedtuple("ElfImage", (
+    "entry",      # e_entry: for vmlinux the physical address of startup_64 (64-bit boot protocol)
+    "segments",   # list[ElfSegment]
+    "pvh_entry",  # int | None: 32-bit PVH entry from the Xen PHYS32_ENTRY note, if the kernel has one
+))):
+    __slots__ = ()
 
     @property
     def start(self) -> int:

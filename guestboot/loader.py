@@ -10,7 +10,6 @@ Entry paths, all without firmware:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from itertools import pairwise
 
 from guestboot.bootparams import build_zero_page
@@ -53,18 +52,21 @@ PAGE = 4096
 Range = tuple[int, int, str]  # [start, end) and what lives there
 
 
-@dataclass
 class _Kernel:
     """The loader's choice of kernel bytes and entry, before the initrd and boot structures are placed."""
-    kernel_format: str
-    entry_mode: str
-    entry: int
-    segments: list[Segment]
-    footprint: list[Range]  # memory the kernel owns: bss past the file bytes, init_size for a bzImage
-    setup_header: memoryview | None = None  # copied into the zero page for a bzImage
-    initrd_limit: int = 4 * GIB
-    cmdline_limit: int = CMDLINE_MAX - 1
-    details: dict = field(default_factory=dict)
+
+    def __init__(self, kernel_format: str, entry_mode: str, entry: int, segments: list[Segment],
+                 footprint: list[Range], setup_header: memoryview | None = None, initrd_limit: int = 4 * GIB,
+                 cmdline_limit: int = CMDLINE_MAX - 1, details: dict | None = None):
+        self.kernel_format = kernel_format
+        self.entry_mode = entry_mode
+        self.entry = entry
+        self.segments = segments
+        self.footprint = footprint  # memory the kernel owns: bss past the file bytes, init_size for a bzImage
+        self.setup_header = setup_header  # copied into the zero page for a bzImage
+        self.initrd_limit = initrd_limit
+        self.cmdline_limit = cmdline_limit
+        self.details = {} if details is None else details
 
     @property
     def start(self) -> int:

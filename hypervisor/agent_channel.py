@@ -8,17 +8,17 @@ The wire format is guestboot/agent/PROTOCOL.md.
 from __future__ import annotations
 
 import itertools
-import logging
-import queue
 import threading
 import time
+from _queue import Empty, SimpleQueue  # what `queue` re-exports, without its heapq/threading imports
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from guestboot.agent import protocol as P
 from guestboot.agent.protocol import MsgType as T
+from hypervisor.lazylog import LazyLogger
 
-log = logging.getLogger("pclite.agent")
+log = LazyLogger("pclite.agent")
 
 STDIN_CHUNK = 256 << 10
 EXEC_GRACE_S = 10.0  # the agent enforces the exec timeout; the host waits this much longer before giving up
@@ -37,17 +37,10 @@ class AgentUnavailable(AgentError):
     """No agent to talk to: not ready yet, gone, or not answering in time."""
 
 
-@dataclass
-class ExecOutcome:
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool
-    stdout: bytes
-    stderr: bytes
-    stdout_truncated: bool
-    stderr_truncated: bool
-    duration_s: float
-    pid: int | None = None
+# collections' namedtuple, not a dataclass: this module is on the VMM's start-up path (see guestboot/plan.py)
+class ExecOutcome(namedtuple("ExecOutcome", "exit_code signal timed_out stdout stderr stdout_truncated "
+                                            "stderr_truncated duration_s pid", defaults=(None,))):
+    __slots__ = ()
 
     def as_json(self) -> dict:
         import base64
@@ -63,7 +56,7 @@ class AgentChannel:
         self._send_bytes = send_bytes  # returns how many bytes were taken (0 while the guest is not reading)
         self._on_ready = on_ready
         self._decoder = P.FrameDecoder()
-        self._pending: dict[int, queue.SimpleQueue] = {}
+        self._pending: dict[int, SimpleQueue] = {}
         self._pending_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -121,13 +114,13 @@ class AgentChannel:
     def _closed_reason(self) -> str:
         return self.protocol_error or "the VM has stopped: its agent is gone"
 
-    def _open(self) -> tuple[int, queue.SimpleQueue]:
+    def _open(self) -> tuple[int, SimpleQueue]:
         if self.closed:
             raise AgentUnavailable(self._closed_reason())
         if not self.ready.is_set():
             raise AgentUnavailable("the guest agent is not ready yet: wait for agent_ready in GET /status")
         request_id = next(self._ids)
-        waiter: queue.SimpleQueue = queue.SimpleQueue()
+        waiter: SimpleQueue = SimpleQueue()
         with self._pending_lock:
             self._pending[request_id] = waiter
         return request_id, waiter
@@ -136,10 +129,10 @@ class AgentChannel:
         with self._pending_lock:
             self._pending.pop(request_id, None)
 
-    def _next(self, waiter: queue.SimpleQueue, deadline: float, what: str):
+    def _next(self, waiter: SimpleQueue, deadline: float, what: str):
         try:
             frame = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
+        except Empty:
             raise AgentUnavailable(f"the guest agent did not answer {what} in time") from None
         if frame is _CLOSED:
             raise AgentUnavailable(self._closed_reason())
@@ -154,7 +147,7 @@ class AgentChannel:
         deadline = time.monotonic() + timeout_s
         try:
             self._send(frame_type, request_id, payload, deadline)
-            return self._next(waiter, deadline, T(frame_type).name).payload
+            return self._next(waiter, deadline, P.type_name(frame_type)).payload
         finally:
             self._done(request_id)
 

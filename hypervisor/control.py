@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import queue
 import threading
+from _queue import SimpleQueue  # what `queue` re-exports, without its imports: the API starts before the VM boots
 
 from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable
 from hypervisor.api_server import HttpError, Request, Response
@@ -74,6 +73,7 @@ class Controller:
             raise HttpError(400, "env must be an object of string values")
         stdin = None
         if spec.get("stdin_b64") is not None:
+            import base64  # here, not at the top: only exec needs it, and the API starts before the VM boots
             try:
                 stdin = base64.b64decode(spec["stdin_b64"], validate=True)
             except (ValueError, TypeError):
@@ -92,7 +92,8 @@ class Controller:
 
     def _stream_exec(self, argv, kwargs):
         """NDJSON lines: {"stdout_b64"} / {"stderr_b64"} as output arrives, then {"exit": {...}} or {"error"}."""
-        lines: queue.SimpleQueue = queue.SimpleQueue()
+        import base64
+        lines: SimpleQueue = SimpleQueue()
 
         def on_output(stream: int, data: bytes) -> None:
             key = "stdout_b64" if stream == 1 else "stderr_b64"

@@ -18,15 +18,13 @@ Only the generic KVM ABI is used (no vendor or PVM specifics).
 
 from __future__ import annotations
 
-import contextlib
+import _signal  # not `signal`: that imports enum, ~0.1 s of VMM start-up in the lab; only ints are needed here
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
-import signal
 import struct
-import weakref
 from collections.abc import Iterable, Mapping
 
 from hypervisor.kvm_structs import *  # noqa: F403 - re-export the ABI for callers of this module
@@ -84,33 +82,36 @@ from hypervisor.kvm_structs import (
     KVM_SET_VCPU_EVENTS,
     KVM_SET_XCRS,
     KVM_SET_XSAVE,
+    XSAVE_LEGACY_SIZE,
     CpuidEntry,
-    kvm_clock_data,
-    kvm_debugregs,
     kvm_fpu,
     kvm_ioeventfd,
     kvm_irq_level,
-    kvm_irqchip,
     kvm_irqfd,
     kvm_lapic_state,
-    kvm_mp_state,
     kvm_pit_config,
-    kvm_pit_state2,
     kvm_regs,
     kvm_run,
     kvm_run_mmio,
     kvm_sregs,
     kvm_userspace_memory_region,
-    kvm_vcpu_events,
-    kvm_xcrs,
-    kvm_xsave,
     make_kvm_cpuid2,
     make_kvm_msr_list,
     make_kvm_msrs,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from hypervisor.kvm_snapshot_structs import (
+        kvm_clock_data,
+        kvm_debugregs,
+        kvm_irqchip,
+        kvm_pit_state2,
+        kvm_vcpu_events,
+        kvm_xcrs,
+    )
+
 KVM_DEVICE = "/dev/kvm"
-XSAVE_LEGACY_SIZE = ctypes.sizeof(kvm_xsave)
 
 # --------------------------------------------------------------------------- errors
 
@@ -240,13 +241,21 @@ def buffer_address(buf) -> int:
 
 
 class _FdOwner:
-    """Owns one fd: ``close()`` is idempotent; a GC finalizer closes it if the owner is forgotten."""
+    """Owns one fd: ``close()`` is idempotent; the fd is closed too if the owner is forgotten unclosed."""
 
-    __slots__ = ("fd", "_finalizer", "__weakref__")
+    __slots__ = ("fd", "__weakref__")
 
     def _own(self, fd: int) -> None:
         self.fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def __del__(self) -> None:
+        # __del__ rather than weakref.finalize: the weakref module alone is ~8 ms of VMM start-up in the lab.
+        fd = getattr(self, "fd", -1)  # unset if __init__ failed before _own
+        if fd >= 0:
+            try:  # noqa: SIM105 - no contextlib on the start-up path
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def closed(self) -> bool:
@@ -261,8 +270,8 @@ class _FdOwner:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.fd = -1
-            self._finalizer()
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def __enter__(self):
         return self
@@ -400,6 +409,7 @@ class Vm(_FdOwner):
         _ioctl(self.fd, KVM_IOEVENTFD, ev, f"{'pio' if pio else 'mmio'} 0x{addr:x}/{length}, fd {fd}")
 
     def get_irqchip(self, chip_id: int) -> kvm_irqchip:
+        from hypervisor.kvm_snapshot_structs import kvm_irqchip
         chip = kvm_irqchip()
         chip.chip_id = chip_id
         _ioctl(self.fd, KVM_GET_IRQCHIP, chip, f"chip {chip_id}")
@@ -409,6 +419,7 @@ class Vm(_FdOwner):
         _ioctl(self.fd, KVM_SET_IRQCHIP, chip, f"chip {chip.chip_id}")
 
     def get_pit2(self) -> kvm_pit_state2:
+        from hypervisor.kvm_snapshot_structs import kvm_pit_state2
         state = kvm_pit_state2()
         _ioctl(self.fd, KVM_GET_PIT2, state)
         return state
@@ -417,6 +428,7 @@ class Vm(_FdOwner):
         _ioctl(self.fd, KVM_SET_PIT2, state)
 
     def get_clock(self) -> kvm_clock_data:
+        from hypervisor.kvm_snapshot_structs import kvm_clock_data
         data = kvm_clock_data()
         _ioctl(self.fd, KVM_GET_CLOCK, data)
         return data
@@ -424,6 +436,7 @@ class Vm(_FdOwner):
     def set_clock(self, data: kvm_clock_data | int) -> None:
         """Set kvmclock; an int sets ``clock`` (ns) with no flags."""
         if isinstance(data, int):
+            from hypervisor.kvm_snapshot_structs import kvm_clock_data
             data = kvm_clock_data(clock=data)
         _ioctl(self.fd, KVM_SET_CLOCK, data)
 
@@ -526,7 +539,7 @@ class Vcpu(_FdOwner):
         """Non-zero makes the next/current KVM_RUN return KVM_EXIT_INTR; the caller resets it to 0 to resume."""
         self.run_struct.immediate_exit = value
 
-    def request_exit(self, thread_ident: int | None = None, signum: int = signal.SIGUSR1) -> None:
+    def request_exit(self, thread_ident: int | None = None, signum: int = _signal.SIGUSR1) -> None:
         """Pause from another thread: set ``immediate_exit`` and, if given, signal the thread inside KVM_RUN.
 
         ``signum`` must have a Python handler installed (``signal.signal(signum, lambda *a: None)``) or it will
@@ -534,7 +547,7 @@ class Vcpu(_FdOwner):
         """
         self.run_struct.immediate_exit = 1
         if thread_ident is not None:
-            signal.pthread_kill(thread_ident, signum)
+            _signal.pthread_kill(thread_ident, signum)
 
     # ---- register state
 
@@ -604,6 +617,7 @@ class Vcpu(_FdOwner):
         _ioctl(self.fd, KVM_SET_LAPIC, lapic)
 
     def get_xcrs(self) -> kvm_xcrs:
+        from hypervisor.kvm_snapshot_structs import kvm_xcrs
         xcrs = kvm_xcrs()
         _ioctl(self.fd, KVM_GET_XCRS, xcrs)
         return xcrs
@@ -631,6 +645,7 @@ class Vcpu(_FdOwner):
         _ioctl(self.fd, KVM_SET_XSAVE, buf)
 
     def get_vcpu_events(self) -> kvm_vcpu_events:
+        from hypervisor.kvm_snapshot_structs import kvm_vcpu_events
         events = kvm_vcpu_events()
         _ioctl(self.fd, KVM_GET_VCPU_EVENTS, events)
         return events
@@ -639,14 +654,17 @@ class Vcpu(_FdOwner):
         _ioctl(self.fd, KVM_SET_VCPU_EVENTS, events)
 
     def get_mp_state(self) -> int:
+        from hypervisor.kvm_snapshot_structs import kvm_mp_state
         state = kvm_mp_state()
         _ioctl(self.fd, KVM_GET_MP_STATE, state)
         return state.mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
+        from hypervisor.kvm_snapshot_structs import kvm_mp_state
         _ioctl(self.fd, KVM_SET_MP_STATE, kvm_mp_state(mp_state))
 
     def get_debugregs(self) -> kvm_debugregs:
+        from hypervisor.kvm_snapshot_structs import kvm_debugregs
         dregs = kvm_debugregs()
         _ioctl(self.fd, KVM_GET_DEBUGREGS, dregs)
         return dregs
@@ -660,9 +678,10 @@ class Vcpu(_FdOwner):
         self.run_struct = self.io = self.mmio = self.system_event = self.internal = self.fail_entry = None
         self._mmio_data.release()
         self._mv.release()
-        # If a caller still holds an io_data()/run_struct view, munmap happens when that view is released.
-        with contextlib.suppress(BufferError):
+        try:  # noqa: SIM105 - contextlib is not otherwise imported on the VMM's start-up path
             self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds an io_data()/run_struct view: munmap happens when that view is released
         super().close()
 
 

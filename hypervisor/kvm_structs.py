@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
 
 u8, u16, u32, u64, s32, s64 = (
     ctypes.c_uint8,
@@ -208,123 +207,8 @@ class kvm_lapic_state(_Struct):
     _fields_ = [("regs", u8 * KVM_APIC_REG_SIZE)]
 
 
-KVM_MAX_XCRS = 16
-
-
-class kvm_xcr(_Struct):
-    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
-
-
-class kvm_xcrs(_Struct):
-    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
-
-
-class kvm_xsave(_Struct):
-    """The legacy 4 KiB XSAVE area; KVM_GET_XSAVE2 may use a larger buffer (see ``Vcpu.get_xsave``)."""
-
-    _fields_ = [("region", u32 * 1024)]
-
-
-class _vcpu_events_exception(_Struct):
-    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8), ("error_code", u32)]
-
-
-class _vcpu_events_interrupt(_Struct):
-    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
-
-
-class _vcpu_events_nmi(_Struct):
-    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
-
-
-class _vcpu_events_smi(_Struct):
-    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
-
-
-class _vcpu_events_triple_fault(_Struct):
-    _fields_ = [("pending", u8)]
-
-
-class kvm_vcpu_events(_Struct):
-    _fields_ = [
-        ("exception", _vcpu_events_exception),
-        ("interrupt", _vcpu_events_interrupt),
-        ("nmi", _vcpu_events_nmi),
-        ("sipi_vector", u32),
-        ("flags", u32),
-        ("smi", _vcpu_events_smi),
-        ("triple_fault", _vcpu_events_triple_fault),
-        ("reserved", u8 * 26),
-        ("exception_has_payload", u8),
-        ("exception_payload", u64),
-    ]
-
-
-class kvm_mp_state(_Struct):
-    _fields_ = [("mp_state", u32)]
-
-
-class kvm_debugregs(_Struct):
-    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
-
-
-class kvm_pic_state(_Struct):
-    _fields_ = _same(
-        u8,
-        "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask init_state "
-        "auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr elcr_mask",
-    )
-
-
-KVM_IOAPIC_NUM_PINS = 24
-
-
-class kvm_ioapic_state(_Struct):
-    # redirtbl entries are kept as raw 64-bit words (the C union's ``bits`` member).
-    _fields_ = [
-        ("base_address", u64),
-        ("ioregsel", u32),
-        ("id", u32),
-        ("irr", u32),
-        ("pad", u32),
-        ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS),
-    ]
-
-
-class _irqchip_union(ctypes.Union):
-    _fields_ = [("dummy", u8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
-
-
-class kvm_irqchip(_Struct):
-    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _irqchip_union)]
-
-
-class kvm_pit_channel_state(_Struct):
-    _fields_ = [
-        ("count", u32),
-        ("latched_count", u16),
-        *_same(u8, "count_latched status_latched status read_state write_state write_latch rw_mode mode bcd gate"),
-        ("count_load_time", s64),
-    ]
-
-
-class kvm_pit_state2(_Struct):
-    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
-
-
 class kvm_pit_config(_Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
-
-
-class kvm_clock_data(_Struct):
-    _fields_ = [
-        ("clock", u64),
-        ("flags", u32),
-        ("pad0", u32),
-        ("realtime", u64),
-        ("host_tsc", u64),
-        ("pad", u32 * 4),
-    ]
 
 
 class kvm_irq_level(_Struct):
@@ -418,6 +302,10 @@ class kvm_run(_Struct):
 
 # --------------------------------------------------------------------------- ioctl numbers
 
+# Structs only snapshot/restore uses are in kvm_snapshot_structs, built on first use (see __getattr__ at the end);
+# their ioctls give the ABI size as a number, which tests/unit/test_kvm_bindings.py pins.
+XSAVE_LEGACY_SIZE = 4096  # sizeof(struct kvm_xsave)
+
 # /dev/kvm
 KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
 KVM_CREATE_VM = _IO(KVMIO, 0x01)
@@ -435,16 +323,16 @@ KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
-KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
-KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)  # sic: the kernel defines it as _IOR
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, 520)  # kvm_irqchip
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, 520)  # kvm_irqchip; sic: the kernel defines it as _IOR
 KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, kvm_irq_level)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
-KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
-KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
-KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
-KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, 48)  # kvm_clock_data
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, 48)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, 112)  # kvm_pit_state2
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, 112)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 
 # vCPU fd
@@ -461,20 +349,20 @@ KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
-KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
-KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
-KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
-KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
-KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
-KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, 4)  # kvm_mp_state
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, 4)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, 64)  # kvm_vcpu_events
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, 64)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, 128)  # kvm_debugregs
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, 128)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
-KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
-KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
-KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
-KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, XSAVE_LEGACY_SIZE)  # kvm_xsave
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, XSAVE_LEGACY_SIZE)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, 392)  # kvm_xcrs
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, 392)
 KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
-KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, XSAVE_LEGACY_SIZE)
 
 IOCTL_NAMES: dict[int, str] = {
     value: name
@@ -624,17 +512,27 @@ KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 # --------------------------------------------------------------------------- plain CPUID entry
 
 
-@dataclass(slots=True)
 class CpuidEntry:
     """One CPUID leaf/subleaf, decoupled from ctypes so CPUID policy code is pure and unit-testable."""
 
-    function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+    def __init__(self, function: int, index: int = 0, flags: int = 0, eax: int = 0, ebx: int = 0, ecx: int = 0,
+                 edx: int = 0):
+        self.function, self.index, self.flags = function, index, flags
+        self.eax, self.ebx, self.ecx, self.edx = eax, ebx, ecx, edx
+
+    def _values(self) -> tuple[int, ...]:
+        return self.function, self.index, self.flags, self.eax, self.ebx, self.ecx, self.edx
+
+    def __eq__(self, other) -> bool:
+        return self._values() == other._values() if isinstance(other, CpuidEntry) else NotImplemented
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return ("CpuidEntry(function={:#x}, index={}, flags={}, eax={:#x}, ebx={:#x}, ecx={:#x}, edx={:#x})"
+                .format(*self._values()))
 
     @classmethod
     def from_struct(cls, e) -> CpuidEntry:
@@ -645,3 +543,17 @@ class CpuidEntry:
         out.function, out.index, out.flags = self.function, self.index, self.flags
         out.eax, out.ebx, out.ecx, out.edx = self.eax, self.ebx, self.ecx, self.edx
         return out
+
+
+_SNAPSHOT_STRUCTS = frozenset({
+    "kvm_xcr", "kvm_xcrs", "kvm_xsave", "kvm_vcpu_events", "kvm_mp_state", "kvm_debugregs", "kvm_pic_state",
+    "kvm_ioapic_state", "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
+    "KVM_MAX_XCRS", "KVM_IOAPIC_NUM_PINS",
+})
+
+
+def __getattr__(name: str):
+    if name in _SNAPSHOT_STRUCTS:
+        from hypervisor import kvm_snapshot_structs
+        return getattr(kvm_snapshot_structs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

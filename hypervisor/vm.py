@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import _signal  # not `signal`: that imports enum, ~0.1 s of VMM start-up in the lab
 import os
-import signal
 import threading
-from dataclasses import dataclass, field
 
 from guestboot import layout
 from guestboot.cpu import initial_cpu_state
-from guestboot.loader import plan_boot
 from guestboot.plan import BootPlan, LoaderError
 from hypervisor import kvm_structs as K
+from hypervisor.boot_images import VIRTIO_SLOTS, BootImages, kernel_cmdline
 from hypervisor.bus import Bus
 from hypervisor.devices.boot_timer import BootTimer
 from hypervisor.devices.i8042 import I8042, I8042_DATA
 from hypervisor.devices.quiet_ports import QUIET_PORTS, QuietPorts
 from hypervisor.devices.serial import COM1_BASE, COM1_IRQ, Serial
 from hypervisor.kvm import Kvm, KvmError, buffer_address
-from hypervisor.memory import GuestMemory
 from hypervisor.timeline import Timeline
 from hypervisor.vcpu import VcpuThread, configure_vcpu, set_boot_registers
 
@@ -32,17 +30,23 @@ class VmConfigError(ValueError):
     """The requested VM cannot be built; the message says what to change."""
 
 
-@dataclass
 class MachineConfig:
-    kernel: str
-    initrd: str | None = None
-    cmdline: str = "console=ttyS0 panic=-1"
-    mem_mib: int = 256
-    vcpus: int = 1
-    boot: str = "auto"  # auto | pvh | bzimage | unpack
-    console_sink: object = None  # callable(bytes) or None to discard
-    extra_cmdline: list[str] = field(default_factory=list)
-    agent_sink: object = None  # callable(bytes): what the guest writes to /dev/hvc0 (the agent channel)
+    # A plain class, not a dataclass: importing dataclasses costs ~0.2 s of VMM start-up in the lab.
+    def __init__(self, kernel: str, initrd: str | None = None, cmdline: str = "console=ttyS0 panic=-1",
+                 mem_mib: int = 256, vcpus: int = 1, boot: str = "auto", console_sink=None,
+                 extra_cmdline: list[str] | None = None, agent_sink=None):
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
+        self.mem_mib = mem_mib
+        self.vcpus = vcpus
+        self.boot = boot  # auto | pvh | bzimage | unpack
+        self.console_sink = console_sink  # callable(bytes) or None to discard
+        self.extra_cmdline = [] if extra_cmdline is None else extra_cmdline
+        self.agent_sink = agent_sink  # callable(bytes): what the guest writes to /dev/hvc0 (the agent channel)
+
+    def __repr__(self) -> str:
+        return f"MachineConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -52,15 +56,6 @@ class MachineConfig:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not os.path.isfile(path):
                 raise VmConfigError(f"{what} {path} does not exist or is not a file")
-
-
-def _map_file(path: str) -> memoryview:
-    """Map an image read-only: the loader slices it and each byte is copied once, straight into guest RAM."""
-    import mmap
-    with open(path, "rb") as file:
-        if os.fstat(file.fileno()).st_size == 0:
-            return memoryview(b"")
-        return memoryview(mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ))
 
 
 class Machine:
@@ -83,28 +78,35 @@ class Machine:
 
     # ---- build
 
-    def build(self) -> Machine:
+    def boot_images(self) -> BootImages:
+        """Start loading this config's kernel and initrd into fresh guest RAM (on a thread, see BootImages)."""
         cfg = self.config
-        kernel = _map_file(cfg.kernel)
-        initrd = _map_file(cfg.initrd) if cfg.initrd else None
-        cmdline = " ".join([cfg.cmdline, *cfg.extra_cmdline, *self._virtio_cmdline()]).strip()
-        self.plan = plan_boot(kernel, initrd=initrd, cmdline=cmdline, mem_bytes=cfg.mem_mib << 20,
-                              vcpus=cfg.vcpus, boot=cfg.boot)
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
+        return BootImages(cfg.kernel, cfg.initrd, kernel_cmdline(cfg.cmdline, cfg.extra_cmdline), cfg.mem_mib << 20,
+                          cfg.vcpus, cfg.boot)
+
+    def build(self, images: BootImages | None = None) -> Machine:
+        """`images`: this config's images, already loading (`boot_images()` started early); else started here.
+        Everything up to the boot vCPU's registers overlaps the loading; only those wait for the plan."""
+        images = images or self.boot_images()
+        try:
+            self.kvm = Kvm()
+            self.vm = self.kvm.create_vm()
+        except KvmError:
+            images.result()  # a bad image or command line is the error to report first, as before KVM is touched
+            raise
         self.timeline.mark("vm_created")
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
-        self.memory = GuestMemory(cfg.mem_mib << 20)
+        self.memory = images.memory or images.result()  # None only if mapping RAM failed: result() raises why
         for slot, (gpa, size, mapping) in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, gpa, size, buffer_address(mapping))
-        for segment in self.plan.segments:
-            self.memory.write(segment.gpa, segment.data)
-        self.timeline.mark("kernel_loaded")
         self._add_devices()
         self._create_vcpus()
+        self.plan = images.result()
+        self.timeline.mark("kernel_loaded")
+        set_boot_registers(self.threads[0].vcpu, initial_cpu_state(self.plan))  # the others wait for INIT/SIPI
         return self
 
     def irq_trigger(self, gsi: int):
@@ -125,13 +127,7 @@ class Machine:
         self.mmio_bus.register(layout.BOOT_TIMER_ADDR, 0x10, self.boot_timer)
         self._add_virtio()
 
-    # virtio-mmio slots, in this order, one 4 KiB window and one IRQ each (announced on the kernel cmdline).
-    VIRTIO_SLOTS = ("rng", "console")
-
-    def _virtio_cmdline(self) -> list[str]:
-        from hypervisor.virtio.mmio import cmdline_arg
-        return [cmdline_arg(layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index)
-                for index in range(len(self.VIRTIO_SLOTS))]
+    VIRTIO_SLOTS = VIRTIO_SLOTS  # virtio-mmio slots, in this order (announced on the cmdline by kernel_cmdline)
 
     def _add_virtio(self) -> None:
         from hypervisor.virtio.console import ConsoleDevice
@@ -156,18 +152,15 @@ class Machine:
     def _create_vcpus(self) -> None:
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(K.KVM_CAP_TSC_DEADLINE_TIMER))
-        state = initial_cpu_state(self.plan)
         for index in range(self.config.vcpus):
             vcpu = self.vm.create_vcpu(index)
             configure_vcpu(vcpu, supported, index, self.config.vcpus, tsc_deadline)
-            if index == 0:
-                set_boot_registers(vcpu, state)  # the others wait for INIT/SIPI in the in-kernel LAPIC
             self.threads.append(VcpuThread(self, vcpu))
 
     # ---- run
 
     def start(self) -> None:
-        signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt KVM_RUN in a vCPU thread
+        _signal.signal(_signal.SIGUSR1, lambda *_: None)  # only to interrupt KVM_RUN in a vCPU thread
         for thread in self.threads:
             thread.start()
 
@@ -212,7 +205,8 @@ class Machine:
 
     def close(self) -> None:
         for thread in self.threads:
-            thread.join(timeout=2)
+            if thread.ident is not None:  # never started when build() or start() failed part-way
+                thread.join(timeout=2)
         for efd in self._eventfds:
             os.close(efd)
         if self.vm is not None:

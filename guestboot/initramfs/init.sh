@@ -6,6 +6,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 # Tell the VMM "init reached": one byte to the boot-timer MMIO register (Firecracker-compatible address and value).
 devmem 0xc0000000 8 123 2>/dev/null
+hostname -F /etc/hostname 2>/dev/null
 
 mode=agent
 for arg in $(cat /proc/cmdline); do

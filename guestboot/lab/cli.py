@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--mem", type=int, default=4096, help="lab VM memory in MiB (default 4096)")
         cmd.add_argument("--cpus", type=int, default=2, help="lab VM vCPUs (default 2)")
         cmd.add_argument("--timeout", type=float, default=LAB_TIMEOUT_S[name],
-                         help=f"seconds before the lab is stopped (default {LAB_TIMEOUT_S[name]})")
+                         help=f"seconds before the lab is stopped, 0 for no limit (default {LAB_TIMEOUT_S[name]})")
         cmd.add_argument("--forward", type=_forward, action="append", default=[], metavar="HOSTPORT:GUESTPORT",
                          help="forward 127.0.0.1:HOSTPORT on the host to GUESTPORT in the lab")
         cmd.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

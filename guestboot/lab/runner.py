@@ -104,6 +104,12 @@ def run_in_lab(request: LabRequest, out=None) -> int:
         return int(exit_file.read_text().strip() or "1")
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: SIGKILL when the thread that started it goes, so a killed runner leaves no lab behind."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 def _send_nmi(monitor: Path) -> None:
     try:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -118,10 +124,11 @@ def _send_nmi(monitor: Path) -> None:
 def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> bytes:
     """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; past the timeout, ask the lab kernel for
     its backtraces (NMI) and give it a few seconds to print them, then kill it."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")  # 0: a service, no limit
     tail = b""
     pending = b""
     timed_out = False

@@ -8,14 +8,14 @@ request at all (no header or no status byte) is a broken driver and marks the de
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import struct
 
+from hypervisor.lazylog import LazyLogger
 from hypervisor.virtio.device import VirtioDevice
 from hypervisor.virtio.queue import DescriptorChain, VirtqueueError
 
-log = logging.getLogger("pclite.virtio")
+log = LazyLogger("pclite.virtio")
 
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_FLUSH = 1 << 9

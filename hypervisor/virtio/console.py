@@ -7,15 +7,15 @@ kick). The bound is the backpressure: push_input reports how much it took and th
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
 from collections.abc import Callable
 
+from hypervisor.lazylog import LazyLogger
 from hypervisor.virtio.device import VirtioDevice
 from hypervisor.virtio.queue import VirtqueueError
 
-log = logging.getLogger("pclite.virtio")
+log = LazyLogger("pclite.virtio")
 
 RX_QUEUE = 0
 TX_QUEUE = 1

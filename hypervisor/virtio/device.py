@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.1 s of VMM start-up in the lab)
 if TYPE_CHECKING:
     from hypervisor.virtio.mmio import MmioTransport
     from hypervisor.virtio.queue import Virtqueue

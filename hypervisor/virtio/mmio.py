@@ -7,10 +7,10 @@ interrupt, as the spec asks (virtio 1.1, 2.1.2).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
+from hypervisor.lazylog import LazyLogger
 from hypervisor.memory import GuestMemory, GuestMemoryError
 from hypervisor.virtio.device import (
     VIRTIO_F_VERSION_1,
@@ -20,7 +20,7 @@ from hypervisor.virtio.device import (
 )
 from hypervisor.virtio.queue import Virtqueue, VirtqueueError
 
-log = logging.getLogger("pclite.virtio")
+log = LazyLogger("pclite.virtio")
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+from hypervisor.launch import vmm_command
 
 
 def vmm_run(kernel: Path, initrd: Path, cmdline: str, *, mem_mib: int = 256, vcpus: int = 1,
             boot: str = "auto") -> list[str]:
-    return [sys.executable, "-m", "hypervisor", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--cmdline", cmdline, "--mem", str(mem_mib), "--vcpus", str(vcpus), "--boot", boot, "--timeline"]
+    return vmm_command(["run", "--kernel", str(kernel), "--initrd", str(initrd), "--cmdline", cmdline,
+                        "--mem", str(mem_mib), "--vcpus", str(vcpus), "--boot", boot, "--timeline"])
 
 
 def timeline_of(output: str) -> dict:
