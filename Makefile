@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 busybox-static linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio \
-                e2fsprogs postgresql gcc libc6-dev make xz-utils
+                e2fsprogs postgresql gcc libc6-dev make xz-utils prometheus
 
 .PHONY: all deps venv kernel initramfs artifacts lab test test-host test-guest bench run lint clean
 all: artifacts
@@ -51,13 +51,9 @@ test-guest: artifacts
 bench: artifacts
 	$(VENV)/bin/pclite-lab run --if-needed -- $(PY) tests/bench/run_all.py
 
-# pclited (the REST service) is not built yet: until it is, `make run` boots one probe VM to show the path works.
+# pclited on this host (or inside the lab when this host's KVM cannot boot Linux), with a `default` pool of 2.
 run: artifacts
-	@echo "make run: pclited is not implemented yet; booting one pclite microVM to the probe line instead"
-	@$(VENV)/bin/pclite-lab run --if-needed -- $(PY) -m hypervisor run \
-	    --kernel "$$($(PY) -m guestboot.kernel build --print-path | tail -1)" \
-	    --initrd "$$($(PY) -m guestboot.initramfs build --print-path)" --vcpus 2 --mem 256 \
-	    --cmdline "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=probe" --timeline
+	@$(PY) -m service.local_run
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from hypervisor.client import VmmClient, VmmError
+from hypervisor.launch import vmm_command
 from tests.support.artifacts import guest_artifacts
 
 AGENT_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=agent"
@@ -23,9 +24,9 @@ class BootedVm:
         self.sock = str(tmp_path / "vmm.sock")
         self.console = tmp_path / "console.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypervisor", "run", "--kernel", str(art.bzimage), "--initrd", str(art.initrd),
+            vmm_command(["run", "--kernel", str(art.bzimage), "--initrd", str(art.initrd),
              "--cmdline", AGENT_CMDLINE, "--mem", str(mem_mib), "--vcpus", str(vcpus), "--api-sock", self.sock,
-             "--console", str(self.console), "--timeline"],
+             "--console", str(self.console), "--timeline"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.client = VmmClient(self.sock)
         deadline = time.monotonic() + 20

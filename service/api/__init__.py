@@ -1,0 +1,1 @@
+"""HTTP layer: middleware (auth, body limits), problem details, thin routes."""

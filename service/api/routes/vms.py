@@ -1,0 +1,54 @@
+"""/v1/vms: claim a ready VM, look at VMs, exec in them, stop them."""
+
+import asyncio
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import PlainTextResponse
+
+from service.api.deps import V1, RuntimeDep
+from service.schemas import ClaimOut, ClaimRequest, EventOut, ExecOut, ExecRequest, VMOut, VMState
+from service.services.vms import MAX_CONSOLE_TAIL
+
+router = APIRouter(prefix="/v1/vms", tags=["vms"], dependencies=V1)
+
+
+@router.post("", response_model=ClaimOut, status_code=201,
+             responses={503: {"description": "pool empty and wait=false (Retry-After), or the boot failed"}})
+async def claim_vm(req: ClaimRequest, rt: RuntimeDep):
+    vm, result = await rt.pool.claim(req.flavor, req.wait)
+    return ClaimOut.model_validate({**VMOut.model_validate(vm).model_dump(), "claim": result})
+
+
+@router.get("", response_model=list[VMOut])
+async def list_vms(rt: RuntimeDep, flavor: str | None = Query(None, max_length=63), state: VMState | None = None):
+    return await asyncio.to_thread(rt.inv.list, flavor, state)
+
+
+@router.get("/{vm_id}", response_model=VMOut)
+async def get_vm(vm_id: str, rt: RuntimeDep):
+    return await asyncio.to_thread(rt.inv.get, vm_id)
+
+
+@router.delete("/{vm_id}", response_model=VMOut, status_code=202,
+               responses={200: {"model": VMOut, "description": "already stopped (or stopped while waiting)"}})
+async def delete_vm(vm_id: str, rt: RuntimeDep, response: Response,
+                    wait: bool = Query(False, description="wait until the VMM has stopped")):
+    vm, done = await rt.vms.delete(vm_id, wait)
+    response.status_code = 200 if done else 202
+    return vm
+
+
+@router.post("/{vm_id}/exec", response_model=ExecOut)
+async def exec_in_vm(vm_id: str, req: ExecRequest, rt: RuntimeDep):
+    return await rt.vms.exec(vm_id, req)
+
+
+@router.get("/{vm_id}/console", response_class=PlainTextResponse)
+async def console(vm_id: str, rt: RuntimeDep, tail: int = Query(65536, ge=1, le=MAX_CONSOLE_TAIL)):
+    data = await asyncio.to_thread(rt.vms.console, vm_id, tail)
+    return PlainTextResponse(data)
+
+
+@router.get("/{vm_id}/events", response_model=list[EventOut])
+async def events(vm_id: str, rt: RuntimeDep):
+    return await asyncio.to_thread(rt.vms.events, vm_id)

@@ -1,0 +1,1 @@
+"""One module per verb; helpers shared by several verbs live in `common`."""

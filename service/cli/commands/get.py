@@ -1,0 +1,148 @@
+"""`get vms|flavors|pools [NAME] [-o wide|json|yaml] [-w]`: kubectl-style listings, documents and watches."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from service.cli import output
+from service.cli.commands.common import RESOURCE_ALIASES, app, complete_names, resource_choice
+from service.cli.manifest import to_manifest
+
+
+def _mem(mib: Any) -> str:
+    return "<none>" if mib is None else f"{mib}Mi"
+
+
+def _max_age(seconds: Any) -> str:
+    return "<none>" if not seconds else f"{seconds}s"
+
+
+def _boot(vm: dict, phase: str) -> str:
+    boot = vm.get("boot_ms") or {}
+    return output.ms(boot.get(phase)) if boot.get(phase) is not None else "<none>"
+
+
+# resource -> (key field, columns, wide extra columns, row builder, wide row builder)
+def vm_row(vm: dict) -> list[Any]:
+    return [vm.get("id"), vm.get("flavor"), vm.get("state"), _boot(vm, "total"), output.age(vm.get("created_at"))]
+
+
+def vm_wide(vm: dict) -> list[Any]:
+    return [vm.get("pid") or "<none>", _boot(vm, "vmm_setup"), _boot(vm, "kernel"), _boot(vm, "init_to_agent"),
+            output.age(vm.get("claimed_at")) if vm.get("claimed_at") else "<none>",
+            vm.get("failure_reason") or "<none>"]
+
+
+def flavor_row(f: dict) -> list[Any]:
+    return [f.get("name"), f.get("vcpus"), _mem(f.get("mem_mib")), f.get("pool_min"), f.get("pool_target"),
+            _max_age(f.get("max_age_s")), output.age(f.get("created_at"))]
+
+
+def flavor_wide(f: dict) -> list[Any]:
+    return [f.get("kernel") or "<default>", f.get("initrd") or "<default>", f.get("cmdline_extra") or "<none>"]
+
+
+def pool_row(p: dict) -> list[Any]:
+    return [p.get("flavor"), f"{p.get('ready', 0)}/{p.get('target', 0)}", p.get("booting", 0), p.get("claimed", 0),
+            p.get("min", 0), p.get("state")]
+
+
+def pool_wide(p: dict) -> list[Any]:
+    return [p.get("reason") or "<none>"]
+
+
+TABLES: dict[str, tuple[str, list[str], list[str], Callable, Callable]] = {
+    "vms": ("id", ["ID", "FLAVOR", "STATE", "BOOT", "AGE"],
+            ["PID", "VMM-SETUP", "KERNEL", "INIT-TO-AGENT", "CLAIMED", "REASON"], vm_row, vm_wide),
+    "flavors": ("name", ["NAME", "VCPUS", "MEMORY", "POOL-MIN", "POOL-TARGET", "MAX-AGE", "AGE"],
+                ["KERNEL", "INITRD", "CMDLINE-EXTRA"], flavor_row, flavor_wide),
+    "pools": ("flavor", ["FLAVOR", "READY", "BOOTING", "CLAIMED", "MIN", "STATE"], ["REASON"], pool_row, pool_wide),
+}
+
+
+def rows_for(resource: str, items: list[dict], wide: bool) -> tuple[list[str], list[list[Any]]]:
+    _key, columns, wide_columns, row, wide_row = TABLES[resource]
+    if wide:
+        return columns + wide_columns, [row(i) + wide_row(i) for i in items]
+    return columns, [row(i) for i in items]
+
+
+def document(resource: str, item: dict) -> dict:
+    """What -o json|yaml prints for one object: flavors as an applicable manifest, VMs and pools as the API has them."""
+    return to_manifest(item) if resource == "flavors" else item
+
+
+def fetch(client, resource: str, name: str | None, flavor: str | None, state: str | None) -> list[dict]:
+    if resource == "vms":
+        return [client.get_vm(name)] if name else client.list_vms(flavor=flavor, state=state)
+    if resource == "flavors":
+        return [client.get_flavor(name)] if name else client.list_flavors()
+    return [client.get_pool(name)] if name else client.list_pools()
+
+
+def show(resource: str, items: list[dict], fmt: str | None, *, single: bool) -> None:
+    if fmt in ("json", "yaml"):
+        docs = [document(resource, i) for i in items]
+        output.print_doc(docs[0] if single else output.as_list(docs), fmt)
+        return
+    if not items:
+        click.echo(f"No {resource} found.", err=True)
+        return
+    columns, rows = rows_for(resource, items, fmt == "wide")
+    output.print_table(columns, rows)
+
+
+def watch(client, resource: str, name: str | None, flavor: str | None, state: str | None, fmt: str | None,
+          interval_s: float) -> None:
+    """kubectl -w: the full listing first, then one row (or one document) per object that changed."""
+    key = TABLES[resource][0]
+    seen: dict[str, Any] = {}
+    first = True
+    while True:
+        items = fetch(client, resource, name, flavor, state)
+        changed = [i for i in items if seen.get(i.get(key)) != i]
+        for item in items:
+            seen[item.get(key)] = item
+        if fmt in ("json", "yaml"):
+            for item in changed:
+                output.print_doc(document(resource, item), fmt, stream_sep=True)
+        elif changed or first:
+            columns, rows = rows_for(resource, changed, fmt == "wide")
+            if first and not rows:
+                click.echo(f"No {resource} found yet; watching.", err=True)
+            output.print_table(columns, rows, header=first and bool(rows))
+            if rows:
+                first = False
+        time.sleep(interval_s)
+
+
+@click.command("get", short_help="List VMs, flavors or pools (or show one).")
+@click.argument("resource", type=resource_choice("vms", "flavors", "pools"), metavar="vms|flavors|pools")
+@click.argument("name", required=False, shell_complete=complete_names)
+@click.option("-o", "--output", "fmt", type=click.Choice(["wide", "json", "yaml"]), help="Output format.")
+@click.option("-w", "--watch", "watching", is_flag=True, help="After listing, keep printing objects that change.")
+@click.option("--flavor", help="vms only: just this flavor's VMs.")
+@click.option("--state", type=click.Choice(["booting", "ready", "claimed", "stopping", "stopped", "failed"]),
+              help="vms only: just VMs in this state.")
+@click.option("--watch-interval", type=float, default=1.0, hidden=True)
+def get(resource: str, name: str | None, fmt: str | None, watching: bool, flavor: str | None, state: str | None,
+        watch_interval: float) -> None:
+    """List VMs, flavors or pools, or show one by NAME (a VM's id, a flavor's or pool's name).
+
+    -o json|yaml prints the API objects (a List for several); flavors print as manifests `apply -f` takes back.
+    """
+    resource = RESOURCE_ALIASES[resource]
+    if (flavor or state) and resource != "vms":
+        raise click.UsageError("--flavor and --state filter VMs: use them with `get vms`")
+    client = app().client
+    if watching:
+        try:
+            watch(client, resource, name, flavor, state, fmt, watch_interval)
+        except KeyboardInterrupt:
+            return
+        return
+    show(resource, fetch(client, resource, name, flavor, state), fmt, single=name is not None)

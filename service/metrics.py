@@ -1,0 +1,76 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.models import VM_STATES
+
+BOOT_PHASES = ("vmm_setup", "kernel", "init_to_agent", "total")
+# 1 ms … 60 s: a warm claim is milliseconds, a cold boot in an emulated lab is seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # no *_created series: they only double the scrape
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.boot_phase = Histogram("pclite_boot_phase_seconds", "VM boot phases from the VMM timeline",
+                                    ["phase", "flavor"], buckets=BUCKETS, registry=r)
+        self.claim = Histogram("pclite_claim_seconds", "Time to answer a successful claim (POST /v1/vms)",
+                               ["flavor", "result"], buckets=BUCKETS, registry=r)
+        self.claims = Counter("pclite_claims", "Claims by result (hit: from the pool, miss: pool empty)",
+                              ["flavor", "result"], registry=r)
+        self.pool_ready = Gauge("pclite_pool_ready", "Ready VMs in the pool", ["flavor"], registry=r)
+        self.pool_target = Gauge("pclite_pool_target", "Target number of ready VMs", ["flavor"], registry=r)
+        self.vms = Gauge("pclite_vms", "VMs in the inventory by state", ["state"], registry=r)
+        self.vm_exits = Counter("pclite_vm_exits", "KVM exits of pclite VMs by reason (from the VMMs)",
+                                ["reason"], registry=r)
+        self.vmm_crashes = Counter("pclite_vmm_crashes", "VMM processes that died without being asked to",
+                                   registry=r)
+        for state in VM_STATES:
+            self.vms.labels(state).set(0)
+        self._flavors: set[str] = set()
+        self._exits_seen: dict[str, dict[str, int]] = {}
+
+    def observe_boot(self, flavor: str, boot_ms: dict) -> None:
+        for phase in BOOT_PHASES:
+            if boot_ms.get(phase) is not None:
+                self.boot_phase.labels(phase, flavor).observe(boot_ms[phase] / 1000)
+
+    def set_pools(self, pools: dict[str, tuple[int, int]]) -> None:
+        """{flavor: (ready, target)}; flavors that went away lose their series."""
+        for flavor in self._flavors - set(pools):
+            for gauge in (self.pool_ready, self.pool_target):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(flavor)
+        for flavor, (ready, target) in pools.items():
+            self.pool_ready.labels(flavor).set(ready)
+            self.pool_target.labels(flavor).set(target)
+        self._flavors = set(pools)
+
+    def set_vm_states(self, counts: dict[str, int]) -> None:
+        for state in VM_STATES:
+            self.vms.labels(state).set(counts.get(state, 0))
+
+    def record_exits(self, vm_id: str, exits: dict) -> None:
+        """The VMM reports cumulative counts; the counter gets what is new since the last report."""
+        seen = self._exits_seen.setdefault(vm_id, {})
+        for reason, count in (exits or {}).items():
+            if not isinstance(count, int):
+                continue
+            delta = count - seen.get(reason, 0)
+            if delta > 0:
+                self.vm_exits.labels(str(reason)).inc(delta)
+            seen[reason] = max(count, seen.get(reason, 0))
+
+    def forget_vm(self, vm_id: str) -> None:
+        self._exits_seen.pop(vm_id, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,183 @@
+"""The REST contract: request and response bodies (pydantic). Limits here are what 4xx answers quote."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+MIN_MEM_MIB, MAX_MEM_MIB = 64, 262144  # below 64 MiB the guest kernel + agent do not fit; 256 GiB is absurd here
+MAX_VCPUS = 64  # the VMM's limit
+MAX_POOL = 256
+MAX_AGE_S = 30 * 86400
+MAX_CMDLINE_EXTRA = 1024
+MAX_EXEC_STDIN = 16 << 20
+VMState = Literal["booting", "ready", "claimed", "stopping", "stopped", "failed"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+def _check_cmdline(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("cmdline_extra must be one line of printable text (no newlines, tabs or NUL)")
+    return value.strip()
+
+
+class FlavorSpec(_In):
+    """POST /v1/flavors and PUT /v1/flavors/{name} (name optional there; it must match the path)."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="DNS label: a-z, 0-9, '-'")
+    kernel: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in kernel")
+    initrd: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in initramfs")
+    cmdline_extra: str = Field("", max_length=MAX_CMDLINE_EXTRA)
+    vcpus: int = Field(1, ge=1, le=MAX_VCPUS)
+    mem_mib: int = Field(256, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
+    pool_min: int = Field(0, ge=0, le=MAX_POOL)
+    pool_target: int = Field(1, ge=0, le=MAX_POOL)
+    max_age_s: int = Field(3600, ge=0, le=MAX_AGE_S, description="retire pooled VMs older than this; 0 = never")
+
+    _cmdline = field_validator("cmdline_extra")(_check_cmdline)
+
+    @model_validator(mode="after")
+    def _min_le_target(self):
+        if self.pool_min > self.pool_target:
+            raise ValueError(f"pool_min ({self.pool_min}) must not exceed pool_target ({self.pool_target})")
+        return self
+
+
+class FlavorPatch(_In):
+    kernel: str | None = Field(None, max_length=4096)
+    initrd: str | None = Field(None, max_length=4096)
+    cmdline_extra: str | None = Field(None, max_length=MAX_CMDLINE_EXTRA)
+    vcpus: int | None = Field(None, ge=1, le=MAX_VCPUS)
+    mem_mib: int | None = Field(None, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
+    pool_min: int | None = Field(None, ge=0, le=MAX_POOL)
+    pool_target: int | None = Field(None, ge=0, le=MAX_POOL)
+    max_age_s: int | None = Field(None, ge=0, le=MAX_AGE_S)
+
+    @field_validator("cmdline_extra")
+    @classmethod
+    def _cmdline(cls, value):
+        return None if value is None else _check_cmdline(value)
+
+
+class FlavorOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    kernel: str | None
+    initrd: str | None
+    cmdline_extra: str
+    vcpus: int
+    mem_mib: int
+    pool_min: int
+    pool_target: int
+    max_age_s: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class PoolOut(BaseModel):
+    flavor: str
+    target: int
+    min: int
+    ready: int
+    booting: int
+    claimed: int
+    state: Literal["ok", "degraded"]
+    reason: str | None
+
+
+class PoolPatch(_In):
+    target: int = Field(ge=0, le=MAX_POOL)
+
+
+class BootMs(BaseModel):
+    vmm_setup: float | None
+    kernel: float | None
+    init_to_agent: float | None
+    total: float | None
+
+
+class VMOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    flavor: str
+    state: VMState
+    pid: int | None
+    api_socket: str
+    created_at: datetime
+    ready_at: datetime | None
+    claimed_at: datetime | None
+    stopped_at: datetime | None
+    boot_ms: BootMs | None
+    failure_reason: str | None
+
+
+class ClaimOut(VMOut):
+    claim: Literal["hit", "miss"]
+
+
+class ClaimRequest(_In):
+    flavor: str = Field(min_length=1, max_length=63)
+    wait: bool = Field(True, description="on a miss, cold-boot and wait (true) or answer 503 (false)")
+
+
+class ExecRequest(_In):
+    argv: list[str] = Field(min_length=1, max_length=4096)
+    stdin_b64: str | None = Field(None, description=f"base64, at most {MAX_EXEC_STDIN} bytes decoded")
+    env: dict[str, str] | None = None
+    cwd: str = Field("/", min_length=1, max_length=4096)
+    timeout_s: float | None = Field(None, gt=0, le=86400)
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, value):
+        if not value[0]:
+            raise ValueError("argv[0] must name the program to run")
+        if any("\x00" in arg for arg in value):
+            raise ValueError("argv entries must not contain NUL")
+        return value
+
+
+class ExecOut(BaseModel):
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout_b64: str
+    stderr_b64: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: float
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    vm_id: str | None
+    flavor: str | None
+    kind: str
+    message: str
+    at: datetime
+
+
+class VersionOut(BaseModel):
+    version: str
+
+
+class Problem(BaseModel):
+    """RFC 7807 problem details (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str

@@ -1,0 +1,180 @@
+"""The VM inventory in the database: every state change is one short transaction with its event.
+
+Transitions are compare-and-set (`WHERE state IN (...)`): whoever changes a VM's state first wins, so a VM is
+claimed once and a stop, a crash and a boot failure can never both be recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta
+
+from sqlalchemy import Row, String, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from service.core.config import Settings
+from service.core.db import Database
+from service.models import CLAIMED, LIVE_STATES, READY, TERMINAL_STATES, VM, Event, Flavor, UTCDateTime, utcnow
+from service.services.errors import NotFound, QuotaExceeded
+from service.services.vmm import new_vm_id
+
+_VMS, _FLAVORS, _EVENTS = VM.__table__, Flavor.__table__, Event.__table__
+_NOW = bindparam("now", type_=UTCDateTime())
+HIT = "claimed from the pool (hit)"
+_PICK = (select(_VMS.c.id).join(_FLAVORS, _FLAVORS.c.name == _VMS.c.flavor)
+         .where(_VMS.c.flavor == bindparam("flavor_name"), _VMS.c.state == READY,
+                _VMS.c.flavor_generation == _FLAVORS.c.generation)
+         .order_by(_VMS.c.ready_at, _VMS.c.id).limit(1))
+# SQLite: pick, take, log in one (serialized) transaction; in-process, three statements cost little.
+_TAKE = (update(_VMS).where(_VMS.c.id == bindparam("vm_id"), _VMS.c.state == READY)
+         .values(state=CLAIMED, claimed_at=_NOW).returning(*_VMS.c))
+_LOG = insert(_EVENTS)
+# PostgreSQL: one statement, one round trip; SKIP LOCKED makes concurrent claims take different rows.
+_picked = _PICK.with_for_update(of=_VMS, skip_locked=True).cte("picked")
+_taken = (update(_VMS).where(_VMS.c.id == _picked.c.id, _VMS.c.state == READY)
+          .values(state=CLAIMED, claimed_at=_NOW).returning(*_VMS.c).cte("taken"))
+_logged = insert(_EVENTS).from_select(
+    ["vm_id", "flavor", "kind", "message", "at"],
+    select(_taken.c.id, _taken.c.flavor, literal("vm.claimed", String), literal(HIT, String), _NOW)).cte("logged")
+_CLAIM_ONE = select(_taken).add_cte(_logged)
+
+
+def add_event(session: Session, kind: str, message: str, vm_id: str | None = None,
+              flavor: str | None = None) -> None:
+    session.add(Event(vm_id=vm_id, flavor=flavor, kind=kind, message=message[:4000], at=utcnow()))
+
+
+def unknown_flavor(name: str) -> NotFound:
+    return NotFound(f"no flavor named {name!r}: list them with GET /v1/flavors or create it with POST /v1/flavors")
+
+
+class Inventory:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def get(self, vm_id: str) -> VM:
+        with self.db.read() as s:
+            vm = s.get(VM, vm_id)
+        if vm is None:
+            raise NotFound(f"no VM {vm_id!r}: list VMs with GET /v1/vms")
+        return vm
+
+    def list(self, flavor: str | None = None, state: str | None = None) -> list[VM]:
+        query = select(VM).order_by(VM.created_at, VM.id)
+        if flavor:
+            query = query.where(VM.flavor == flavor)
+        if state:
+            query = query.where(VM.state == state)
+        with self.db.read() as s:
+            return list(s.scalars(query))
+
+    def live(self) -> list[VM]:
+        with self.db.read() as s:
+            return list(s.scalars(select(VM).where(VM.state.in_(LIVE_STATES)).order_by(VM.created_at)))
+
+    def live_brief(self) -> list:
+        """Live VMs as light rows (no ORM objects): what the loops that run several times a second need."""
+        columns = (VM.id, VM.flavor, VM.flavor_generation, VM.pooled, VM.state, VM.pid, VM.api_socket,
+                   VM.console_path, VM.created_at, VM.ready_at)
+        with self.db.read() as s:
+            return list(s.execute(select(*columns).where(VM.state.in_(LIVE_STATES)).order_by(VM.created_at)))
+
+    def events(self, vm_id: str) -> list[Event]:
+        self.get(vm_id)
+        with self.db.read() as s:
+            return list(s.scalars(select(Event).where(Event.vm_id == vm_id).order_by(Event.id)))
+
+    def state_counts(self) -> dict[str, int]:
+        with self.db.read() as s:
+            return dict(s.execute(select(VM.state, func.count()).group_by(VM.state)).tuples().all())
+
+    def pool_counts(self) -> dict[str, Counter]:
+        """{flavor: Counter(state → live VMs)}."""
+        with self.db.read() as s:
+            rows = s.execute(select(VM.flavor, VM.state, func.count()).where(VM.state.in_(LIVE_STATES))
+                             .group_by(VM.flavor, VM.state)).tuples().all()
+        counts: dict[str, Counter] = {}
+        for flavor, state, n in rows:
+            counts.setdefault(flavor, Counter())[state] = n
+        return counts
+
+    # --- writes ---------------------------------------------------------------------------------------------
+    def new_vm(self, flavor: Flavor, *, pooled: bool) -> VM:
+        """A booting VM row (before its VMM exists: a crash in between leaves a row, never an unknown process)."""
+        s_ = self.settings
+        with self.db.write() as s:
+            self.db.lock_quota(s)
+            count, mem = s.execute(select(func.count(), func.coalesce(func.sum(VM.mem_mib), 0))
+                                   .where(VM.state.in_(LIVE_STATES))).one()
+            if count + 1 > s_.max_vms:
+                raise QuotaExceeded(f"VM quota reached: {count} of max {s_.max_vms} VMs are running or booting; "
+                                    "delete VMs (DELETE /v1/vms/{id}), lower pool targets, or raise PCLITE_MAX_VMS")
+            if mem + flavor.mem_mib > s_.max_guest_mem_mib:
+                raise QuotaExceeded(f"guest memory quota reached: {mem} MiB in use + {flavor.mem_mib} MiB for a "
+                                    f"{flavor.name} VM > max {s_.max_guest_mem_mib} MiB; delete VMs, lower pool "
+                                    "targets, or raise PCLITE_MAX_GUEST_MEM_MIB")
+            vm_id = new_vm_id()
+            vm = VM(id=vm_id, flavor=flavor.name, flavor_generation=flavor.generation, pooled=pooled,
+                    state="booting", vcpus=flavor.vcpus, mem_mib=flavor.mem_mib,
+                    api_socket=str(s_.run_dir / f"{vm_id}.sock"),
+                    console_path=str(s_.vm_dir / vm_id / "console.log"), created_at=utcnow())
+            s.add(vm)
+            add_event(s, "vm.booting", "booting for the pool" if pooled else "cold boot for a claim",
+                      vm_id, flavor.name)
+        return vm
+
+    def claim(self, flavor_name: str) -> tuple[Row | None, Flavor | None]:
+        """Atomically take the oldest ready VM of the flavor's current spec: (vm, None) on a hit, (None, flavor)
+        when there is none. Prebuilt Core statements: the claim latency is mostly this."""
+        params = {"flavor_name": flavor_name, "now": utcnow()}
+        if self.db.backend == "postgresql":
+            with self.db.autocommit() as conn:
+                vm = conn.execute(_CLAIM_ONE, params).first()
+            return (vm, None) if vm is not None else (None, self.flavor_or_404(flavor_name))
+        with self.db.write_core() as conn:
+            vm_id = conn.execute(_PICK, params).scalar()  # writers are serialized: nobody else can take it
+            vm = conn.execute(_TAKE, params | {"vm_id": vm_id}).first() if vm_id else None
+            if vm is not None:
+                conn.execute(_LOG, {"vm_id": vm_id, "flavor": flavor_name, "kind": "vm.claimed", "message": HIT,
+                                    "at": params["now"]})
+                return vm, None
+        return None, self.flavor_or_404(flavor_name)
+
+    def flavor_or_404(self, name: str) -> Flavor:
+        with self.db.read() as s:
+            flavor = s.get(Flavor, name)
+        if flavor is None:
+            raise unknown_flavor(name)
+        return flavor
+
+    def transition(self, vm_id: str, from_states: tuple[str, ...], to_state: str,
+                   events: list[tuple[str, str]], **fields) -> VM | None:
+        """Compare-and-set the state (plus fields) and log events; None if the VM was not in from_states."""
+        with self.db.write() as s:
+            done = s.execute(update(VM).where(VM.id == vm_id, VM.state.in_(from_states))
+                             .values(state=to_state, **fields))
+            if done.rowcount != 1:
+                return None
+            vm = s.execute(select(VM).where(VM.id == vm_id).execution_options(populate_existing=True)).scalar_one()
+            for kind, message in events:
+                add_event(s, kind, message, vm_id, vm.flavor)
+            return vm
+
+    def update(self, vm_id: str, **fields) -> None:
+        with self.db.write() as s:
+            s.execute(update(VM).where(VM.id == vm_id).values(**fields))
+
+    def event(self, kind: str, message: str, vm_id: str | None = None, flavor: str | None = None) -> None:
+        with self.db.write() as s:
+            add_event(s, kind, message, vm_id, flavor)
+
+    def prune(self, retention_s: float) -> list[VM]:
+        """Forget stopped/failed VMs older than the retention; their events stay."""
+        cutoff: datetime = utcnow() - timedelta(seconds=retention_s)
+        with self.db.write() as s:
+            old = list(s.scalars(select(VM).where(VM.state.in_(TERMINAL_STATES), VM.stopped_at < cutoff)))
+            if old:
+                s.execute(delete(VM).where(VM.id.in_([vm.id for vm in old])))
+            return old
