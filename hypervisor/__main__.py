@@ -4,6 +4,7 @@
                            [--console -|FILE|none] [--boot auto|pvh|bzimage|unpack] [--timeline]
                            [--api-sock PATH [--detach]]
   python -m hypervisor exec --api-sock PATH [--timeout S] [--cwd DIR] -- CMD ARGS...
+  python -m hypervisor forkserver --socket PATH     (pre-imported; forks a VMM per request)
 
 run: one VM in the foreground; exits 0 when the guest powers off or reboots, nonzero when it fails.
 --boot: auto (PVH for an ELF with the note, else its 64-bit entry; a bzImage via its 64-bit entry),
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(argv[1:])
         if argv[:1] == ["exec"]:
             return cmd_exec(argv[1:])
+        if argv[:1] == ["forkserver"]:
+            from hypervisor.forkserver import serve
+            return serve(argv[1:])
         raise UsageError(__doc__)
     except UsageError as exc:
         print(f"pclite: {exc}", file=sys.stderr)

@@ -10,12 +10,12 @@ import http.client
 import os
 import re
 import socket
-import sys
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from service.cli.config import Settings, config_path
 from service.cli.errors import CliError, NotFound
+from service.cli.pkginfo import client_version
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -24,55 +24,6 @@ LIST_HINTS = {
     "flavor": "`pclitectl get flavors` lists them; `pclitectl apply -f FILE` creates one",
     "pool": "`pclitectl get pools` lists them (one per flavor)",
 }
-
-_version: str | None = None
-
-
-def client_version() -> str:
-    """pclite's installed version, as importlib.metadata.version("pclite") answers (cached).
-
-    The first pclite-*.dist-info/.egg-info along sys.path is read directly: importing importlib.metadata costs more
-    than the rest of a typical pclitectl run. Anything unusual falls back to importlib.metadata itself.
-    """
-    global _version
-    if _version is None:
-        _version = _version_from_path() or _version_from_metadata()
-    return _version
-
-
-def _version_from_path() -> str | None:
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            low = name.lower()
-            if not low.endswith((".dist-info", ".egg-info")) or low.split("-", 1)[0].rsplit(".", 1)[0] != "pclite":
-                continue
-            folder = os.path.join(entry or ".", name)
-            meta = os.path.join(folder, "METADATA" if low.endswith(".dist-info") else "PKG-INFO")
-            try:
-                with open(meta if os.path.isdir(folder) else folder, encoding="utf-8") as handle:
-                    for line in handle:
-                        if not line.strip():
-                            break
-                        if line.startswith("Version:"):
-                            return line[len("Version:"):].strip() or None
-            except (OSError, UnicodeDecodeError):
-                return None
-            return None
-    return None
-
-
-def _version_from_metadata() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pclite")
-    except PackageNotFoundError:
-        return "0+unknown"
-
 
 def _one_line(text: Any) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
@@ -138,7 +89,11 @@ def _transport_reason(exc: Exception) -> str:
     if isinstance(exc, http.client.RemoteDisconnected):
         return "server disconnected without sending a response"
     if isinstance(exc, http.client.IncompleteRead):
-        return "peer closed connection without sending complete message body"
+        received = len(exc.partial)
+        expected = f" (received {received} bytes, expected {received + exc.expected})" if exc.expected else ""
+        return f"peer closed connection without sending complete message body{expected}"
+    if isinstance(exc, http.client.BadStatusLine):
+        return f"illegal status line: {exc.line.strip()!r}"
     return _connect_reason(exc)
 
 
@@ -206,6 +161,14 @@ def _bypasses_proxy(scheme: str, host: str) -> bool:
     return False
 
 
+def _create_connection(address: tuple[str, int], timeout: float | None, source_address=None) -> socket.socket:
+    """socket.create_connection, with an ASCII host passed as bytes: a str would load the IDNA codec, ~2 ms."""
+    host, port = address
+    if host.isascii():
+        host = host.encode()
+    return socket.create_connection((host, port), timeout, source_address)
+
+
 class Client:
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0):
         self.settings = settings
@@ -271,6 +234,7 @@ class Client:
                 conn.set_tunnel(self._host, self._port, headers=self._proxy[2])
         else:
             conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT_S)
+            conn._create_connection = _create_connection
         try:
             conn.connect()
         except TimeoutError:
@@ -338,6 +302,8 @@ class Client:
                 headers: dict[str, str] | None = None, no_read_timeout: bool = False) -> Response:
         read_timeout = None if no_read_timeout else (timeout_s if timeout_s is not None else self._timeout_s)
         send_headers = dict(self._headers)
+        if self._proxy is not None and self._scheme == "http":
+            send_headers.update(self._proxy[2])
         if headers:
             send_headers.update(headers)
         body = None

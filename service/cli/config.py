@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 from service.cli.errors import CliError
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+# `server: URL` / `token: TOKEN` lines as pclited writes them (yaml.safe_dump): a single-quoted scalar, or a plain one
+# that YAML 1.1 can only read as a string: it starts with a letter, `_` or `/` and is no boolean or null word; or it
+# is a token (letters, digits, `-`, `_`) that has a letter and no 0b/0x prefix, so no int, float or date.
+_SIMPLE_LINE = re.compile(r"(server|token): +(?:'([\x20-\x26\x28-\x7e]*)'|([A-Za-z_/][-A-Za-z0-9_./:@%+=~]*)"
+                          r"|(?![-+]?0[bxBX])([-0-9][-0-9_]*[A-Za-z][-A-Za-z0-9_]*)) *")
+_YAML_WORDS = frozenset({"yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE", "false", "False", "FALSE",
+                         "on", "On", "ON", "off", "Off", "OFF", "null", "Null", "NULL"})
 
 
 def config_path() -> Path:
@@ -20,12 +29,28 @@ def config_path() -> Path:
     return Path(base) / "pclite" / "config"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     server: str
     token: str | None
     server_source: str  # "--server", "PCLITE_SERVER", the config file's path, or "default"
     token_source: str | None
+
+
+def _simple_config(text: str) -> dict | None:
+    """The config as yaml.safe_load reads it, when it is just the lines pclited writes; else None (ask YAML)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    data: dict[str, str] = {}
+    for line in lines:
+        match = _SIMPLE_LINE.fullmatch(line)
+        if match is None or match[1] in data:
+            return None
+        quoted, plain, token = match[2], match[3], match[4]
+        if plain is not None and (plain in _YAML_WORDS or plain.endswith(":")):
+            return None
+        data[match[1]] = next(v for v in (quoted, plain, token) if v is not None)
+    return data
 
 
 def _read_config(path: Path) -> dict:
@@ -36,6 +61,9 @@ def _read_config(path: Path) -> dict:
     except OSError as exc:
         raise CliError(f"cannot read the pclitectl config {path}: {exc.strerror} — fix its permissions "
                        f"or point PCLITE_CONFIG elsewhere") from None
+    simple = _simple_config(text)
+    if simple is not None:  # importing yaml would cost more than the rest of a short pclitectl run
+        return simple
     import yaml
 
     try:

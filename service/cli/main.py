@@ -80,8 +80,8 @@ class LazyGroup(click.Group):
             return super().resolve_command(ctx, args)
         except click.UsageError as exc:
             # "No such command 'gett'. Did you mean 'get'?": suggest from every name, not just the imported ones.
-            name = getattr(exc, "command_name", None)
-            if name is None or getattr(exc, "possibilities", None):
+            name = getattr(exc, "command_name", None)  # click >= 8.4's NoSuchCommand
+            if name is None:
                 raise
             raise type(exc)(name, possibilities=self.list_commands(ctx), ctx=exc.ctx) from None
 

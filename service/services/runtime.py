@@ -47,6 +47,7 @@ class Runtime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.launcher.close()  # the fork server; the VMMs it forked keep running
         self.db.dispose()
 
     def healthy(self) -> str | None:

@@ -24,6 +24,8 @@ from service.models import VM, Flavor
 log = logging.getLogger("pclited")
 BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=agent"
 VMM_LOG = "vmm.log"
+FORKSERVER_SOCKET = "forkserver/srv.sock"  # a subdirectory: the run dir's *.sock are the VMs' own
+FORKSERVER_START_S = 30.0  # its imports take ~1 s in the lab; a fresh process is the fallback meanwhile
 
 
 class LaunchError(Exception):
@@ -95,12 +97,68 @@ def proc_cmdline(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else None
 
 
+def listening_unix_sockets() -> dict[int, str]:
+    """{socket inode: path} of every bound Unix socket on the host (/proc/net/unix, as `ss -x` reads it)."""
+    table: dict[int, str] = {}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8:
+                    table[int(fields[6])] = fields[7]
+    except (OSError, ValueError, StopIteration):
+        pass
+    return table
+
+
+def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
+    """Paths of the Unix sockets process `pid` has bound: how a VMM forked by the fork server (whose cmdline is
+    the server's) is matched to its API socket."""
+    table = listening_unix_sockets() if table is None else table
+    paths = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and int(link[8:-1]) in table:
+                    paths.add(table[int(link[8:-1])])
+    except OSError:
+        pass
+    return paths
+
+
+def scan_vmms(run_dir: Path) -> dict[str, int]:
+    """{socket path: pid} of every VMM process (fresh or forked) whose API socket is under run_dir."""
+    prefix = str(run_dir) + "/"
+    found: dict[str, int] = {}
+    table = None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        args = proc_cmdline(int(entry.name))
+        if not args or "hypervisor" not in args:
+            continue
+        if "--api-sock" in args:
+            index = args.index("--api-sock")
+            if index + 1 < len(args) and args[index + 1].startswith(prefix):
+                found[args[index + 1]] = int(entry.name)
+        elif "forkserver" in args:  # the server itself, or a VMM it forked: known by its bound socket
+            table = listening_unix_sockets() if table is None else table
+            for path in unix_sockets_of(int(entry.name), table):
+                if path.startswith(prefix) and not path.endswith(FORKSERVER_SOCKET):
+                    found[path] = int(entry.name)
+    return found
+
+
 def is_vmm(pid: int | None, socket_path: str) -> bool:
     """Alive and really that VM's VMM: the pid alone could have been reused by now."""
     if not pid:
         return False
     args = proc_cmdline(pid)  # a zombie has an empty cmdline
-    return bool(args) and "hypervisor" in args and socket_path in args
+    if not args or "hypervisor" not in args:
+        return False
+    return socket_path in args or ("forkserver" in args and socket_path in unix_sockets_of(pid))
 
 
 class Launcher:
@@ -109,6 +167,8 @@ class Launcher:
         self.children: dict[str, subprocess.Popen] = {}  # VMMs this pclited started: reaped here
         self._defaults: tuple[str, str] | None = None
         self._lock = threading.Lock()
+        self._forkserver: subprocess.Popen | None = None
+        self._forkserver_lock = threading.Lock()
 
     # --- starting -------------------------------------------------------------------------------------------
     def default_artifacts(self) -> tuple[str, str]:
@@ -125,6 +185,13 @@ class Launcher:
             return self._defaults
 
     def command(self, vm: VM, flavor: Flavor) -> list[str]:
+        try:
+            from hypervisor.launch import vmm_command  # the lean interpreter start (skips site)
+        except ImportError:
+            return [sys.executable, "-m", "hypervisor", *self.vmm_args(vm, flavor)]
+        return vmm_command(self.vmm_args(vm, flavor))
+
+    def vmm_args(self, vm: VM, flavor: Flavor) -> list[str]:
         kernel, initrd = flavor.kernel, flavor.initrd
         if kernel is None or initrd is None:
             default_kernel, default_initrd = self.default_artifacts()
@@ -134,25 +201,64 @@ class Launcher:
                 "--vcpus", str(vm.vcpus), "--api-sock", vm.api_socket, "--console", vm.console_path, "--timeline"]
         # Detached, a VMM outlives a pclited restart and is adopted; otherwise it stops when pclited exits.
         args += ["--detach"] if self.settings.vmm_detach else []
-        try:
-            from hypervisor.launch import vmm_command  # the lean interpreter start (skips site)
-        except ImportError:
-            return [sys.executable, "-m", "hypervisor", *args]
-        return vmm_command(args)
+        return args
 
-    def spawn(self, vm: VM, flavor: Flavor) -> subprocess.Popen:
+    def forkserver(self) -> str | None:
+        """The VMM fork server's socket, starting the server when needed; None when disabled or not up (yet).
+
+        A forked VMM skips the interpreter start and the VMM's imports (~1 s of a boot in the lab). The server
+        stops when pclited exits; the VMMs it forked do not (they are --detach'ed into their own sessions)."""
+        if not self.settings.vmm_forkserver:
+            return None
+        path = self.settings.run_dir / FORKSERVER_SOCKET
+        with self._forkserver_lock:
+            if self._forkserver is None or self._forkserver.poll() is not None:
+                from hypervisor.launch import vmm_command
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                with open(path.parent / "forkserver.log", "ab") as out:
+                    self._forkserver = subprocess.Popen(vmm_command(["forkserver", "--socket", str(path)]),
+                                                        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                        start_new_session=True, close_fds=True)
+                deadline = time.monotonic() + FORKSERVER_START_S
+                while not path.exists() and self._forkserver.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            return str(path) if path.exists() else None
+
+    def close(self) -> None:
+        if self._forkserver is not None and self._forkserver.poll() is None:
+            self._forkserver.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._forkserver.wait(5)
+
+    def spawn(self, vm: VM, flavor: Flavor):
+        """Start the VM's VMM (forked by the fork server when it is up, else a fresh process); returns a
+        Popen-like object (pid, poll)."""
         argv = self.command(vm, flavor)
         vm_dir = Path(vm.console_path).parent
         vm_dir.mkdir(parents=True, exist_ok=True)
         Path(vm.api_socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.api_socket)
+        server = self.forkserver()
         with open(vm_dir / VMM_LOG, "ab") as out:
-            # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vm_dir,
-                                    start_new_session=True, close_fds=True)
+            proc, forked = None, False
+            if server:
+                from hypervisor.forkserver import ForkServerError, spawn
+                try:  # the forked VMM gets its own session too
+                    with open(os.devnull, "rb") as devnull:
+                        proc = spawn(server, self.vmm_args(vm, flavor), devnull.fileno(), out.fileno(),
+                                     out.fileno(), cwd=str(vm_dir))
+                    forked = True
+                except ForkServerError as exc:
+                    log.warning("VMM fork server: %s; starting a fresh VMM process instead", exc)
+            if proc is None:
+                # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vm_dir,
+                                        start_new_session=True, close_fds=True)
         self.children[vm.id] = proc
-        log.info("started VMM pid %d for %s", proc.pid, vm.id)
+        log.info("started VMM pid %d for %s%s", proc.pid, vm.id, " (forked)" if forked else "")
         return proc
 
     # --- watching -------------------------------------------------------------------------------------------
@@ -161,6 +267,9 @@ class Launcher:
         child = self.children.get(vm.id)
         if child is not None and vm.pid in (None, child.pid):
             code = child.poll()
+            if getattr(child, "lost", False):  # its fork server died first: look at the process itself
+                self.children.pop(vm.id, None)
+                return is_vmm(vm.pid, vm.api_socket), None
             if code is None:
                 return True, None
             self.children.pop(vm.id, None)
@@ -175,18 +284,7 @@ class Launcher:
 
     def scan(self) -> dict[str, int]:
         """{socket path: pid} of every VMM process whose socket is in our run dir (ours, or orphans)."""
-        prefix = str(self.settings.run_dir) + "/"
-        found: dict[str, int] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            args = proc_cmdline(int(entry.name))
-            if not args or "hypervisor" not in args or "--api-sock" not in args:
-                continue
-            index = args.index("--api-sock")
-            if index + 1 < len(args) and args[index + 1].startswith(prefix):
-                found[args[index + 1]] = int(entry.name)
-        return found
+        return scan_vmms(self.settings.run_dir)
 
     def describe_exit(self, vm: VM, code: int | None) -> str:
         if code is None:

@@ -28,6 +28,25 @@ def repeat(name: str, cmd: list[str], runs: int = RUNS, pattern: str = READY, ti
     return seconds, outputs
 
 
+def interleaved(series: dict, runs: int = RUNS, pattern: str = READY, timeout_s: float = 120) -> dict:
+    """Round-robin over the series, one boot each per round: load drift in the (emulated, shared) lab then hits
+    every series alike. Returns {name: (seconds, outputs)}; prints one line per round so a stall is visible."""
+    results = {name: ([], []) for name in series}
+    for round_no in range(1, runs + 1):
+        line = []
+        for name, cmd in series.items():
+            boot = time_until_line(cmd, pattern, timeout_s)
+            if boot.seconds is None:
+                print(f"  {name}: no ready line; last output:\n{boot.output[-800:]}", flush=True)
+                line.append("FAIL")
+                continue
+            results[name][0].append(boot.seconds)
+            results[name][1].append(boot.output)
+            line.append(f"{boot.seconds:.2f}")
+        print(f"  round {round_no}/{runs}: {' '.join(line)} s", flush=True)
+    return results
+
+
 def summary(name: str, seconds: list[float]) -> str:
     if not seconds:
         return f"{name:<44} FAILED"

@@ -193,22 +193,9 @@ class Pclited:
 
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:
-    """{socket: pid} of VMM processes whose socket is under run_dir (what pclited would call its own)."""
-    found = {}
-    prefix = str(run_dir) + "/"
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in args]
-        if "hypervisor" in args and "--api-sock" in args:
-            index = args.index("--api-sock")
-            if index + 1 < len(args) and args[index + 1].startswith(prefix):
-                found[args[index + 1]] = int(entry.name)
-    return found
+    """{socket: pid} of VMM processes (fresh or forked) whose socket is under run_dir, as pclited finds them."""
+    from service.services.vmm import scan_vmms
+    return scan_vmms(run_dir)
 
 
 _shared: PostgresServer | None = None

@@ -18,12 +18,14 @@ class TimedBoot:
     output: str
 
 
-def time_until_line(cmd: list[str], pattern: str, timeout_s: float = 60.0) -> TimedBoot:
+def time_until_line(cmd, pattern: str, timeout_s: float = 60.0) -> TimedBoot:
+    """cmd: an argv, or a callable that starts the VM itself and returns a Popen look-alike whose stdout
+    carries the VM's output (e.g. a VMM forked by the fork server: tests/support/pclite.py)."""
     regex = re.compile(pattern.encode())
     start = time.monotonic()
     # Own session: the kill below reaches everything the VM process started.
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = cmd() if callable(cmd) else subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     buffer = b""
     found = None
     selector = selectors.DefaultSelector()

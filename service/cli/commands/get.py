@@ -10,7 +10,6 @@ import click
 
 from service.cli import output
 from service.cli.commands.common import RESOURCE_ALIASES, app, complete_names, resource_choice
-from service.cli.manifest import to_manifest
 
 
 def _mem(mib: Any) -> str:
@@ -73,7 +72,11 @@ def rows_for(resource: str, items: list[dict], wide: bool) -> tuple[list[str], l
 
 def document(resource: str, item: dict) -> dict:
     """What -o json|yaml prints for one object: flavors as an applicable manifest, VMs and pools as the API has them."""
-    return to_manifest(item) if resource == "flavors" else item
+    if resource != "flavors":
+        return item
+    from service.cli.manifest import to_manifest
+
+    return to_manifest(item)
 
 
 def fetch(client, resource: str, name: str | None, flavor: str | None, state: str | None) -> list[dict]:

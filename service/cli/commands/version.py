@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from service.cli import output
-from service.cli.client import client_version
 from service.cli.commands.common import app
+from service.cli.pkginfo import client_version
 
 
 @click.command("version")

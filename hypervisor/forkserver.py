@@ -1,0 +1,247 @@
+"""A VMM fork server: one process that has already paid for the interpreter and the VMM's imports, and forks a
+fresh VMM per request (the zygote pattern), so a new VM starts at `fork()` instead of at `python` start-up.
+
+  python -m hypervisor forkserver --socket PATH      (start it with hypervisor.launch.vmm_command)
+
+Each request is one connection: a JSON line {"argv": ["run", ...], "cwd": DIR, "t0": MONOTONIC} with three
+file descriptors attached (SCM_RIGHTS) that become the VMM's stdin/stdout/stderr. The server answers
+{"pid": N} at once and {"exit_code": N} when that VMM exits; the connection then closes. The forked VMM is a
+normal VMM process (own session, own threads); its boot timeline starts at t0, the caller's request time, so
+the figures include the fork and the hand-over. The server itself stays single-threaded: forking a process that
+has other threads can leave their locks held in the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+
+from hypervisor.cli_args import REQUIRED, parse_options
+
+OPTIONS = {"--socket": (str, REQUIRED)}
+MAX_REQUEST = 64 << 10
+PARENT_POLL_S = 1.0
+
+
+class ForkServerError(Exception):
+    """The fork server is not there or refused the request; the message says what to do."""
+
+
+def _preload() -> None:
+    """Everything a `run` imports, so the forked children import nothing (the point of the server)."""
+    import hypervisor.agent_channel  # noqa: F401
+    import hypervisor.api_server  # noqa: F401
+    import hypervisor.boot_images  # noqa: F401
+    import hypervisor.control  # noqa: F401
+    import hypervisor.vm  # noqa: F401
+    from guestboot.agent import protocol  # noqa: F401
+    from hypervisor.virtio import console, mmio, rng  # noqa: F401
+
+
+def serve(argv: list[str]) -> int:
+    import _signal
+    import select
+
+    opts = parse_options(argv, OPTIONS, __doc__)
+    _preload()
+    path = opts["socket"]
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    inode = os.stat(path).st_ino  # a successor may bind the same path before we are gone: never unlink theirs
+    listener.listen(64)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda *_: None)  # a handler, not SIG_IGN: we want the exit codes
+    _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # stop like Ctrl-C: the socket is removed
+    children: dict[int, socket.socket] = {}
+    parent = os.getppid()  # the server lives as long as whoever started it (pclited, a test, the bench)
+    print(f"pclite forkserver: ready on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select([listener, wake_r], [], [], PARENT_POLL_S)
+            except InterruptedError:
+                continue
+            if os.getppid() != parent:
+                print("pclite forkserver: my parent exited; stopping (forked VMMs keep running)", file=sys.stderr)
+                return 0
+            if wake_r in ready:
+                while True:
+                    try:
+                        if not os.read(wake_r, 512):
+                            break
+                    except BlockingIOError:
+                        break
+                _reap(children)
+            if listener in ready:
+                conn, _ = listener.accept()
+                pid = _handle(conn, listener)
+                if pid:
+                    children[pid] = conn
+                _reap(children)  # a child may have exited before we recorded it
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+
+
+def _reap(children: dict) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            _reply(conn, {"exit_code": os.waitstatus_to_exitcode(status)})  # the caller may be gone: fine
+            conn.close()
+
+
+def _handle(conn: socket.socket, listener: socket.socket) -> int:
+    try:
+        conn.settimeout(5)
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+        request = json.loads(data)
+        if len(fds) != 3 or not isinstance(request.get("argv"), list):
+            raise ValueError("want a JSON line with argv and exactly 3 file descriptors (stdin, stdout, stderr)")
+    except (OSError, ValueError) as exc:
+        _reply(conn, {"error": f"bad fork request: {exc}"})
+        conn.close()
+        return 0
+    pid = os.fork()
+    if pid == 0:  # the new VMM
+        code = 1
+        try:
+            listener.close()
+            _become_vmm(conn, fds, request)
+            from hypervisor.__main__ import main
+            code = main([str(arg) for arg in request["argv"]])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # never return into the server's loop from a child
+            print(f"pclite: VMM failed: {exc!r}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    conn.settimeout(None)
+    _reply(conn, {"pid": pid})
+    return pid
+
+
+def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:
+    import _signal
+    conn.close()
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    os.setsid()
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.closerange(3, 1 << 16)  # the server's listener, wake pipe and other callers' connections
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
+    from hypervisor import __main__ as vmm_main
+    t0 = float(request.get("t0") or time.monotonic())
+    vmm_main.TIMELINE.origin = t0
+    vmm_main.TIMELINE.marks = {"process_start": t0}
+
+
+def _reply(conn: socket.socket, message: dict) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+class ForkedVmm:
+    """A VMM started by the fork server: a small Popen look-alike (pid, poll, wait, returncode).
+
+    `lost` turns true when the fork server went away before the VMM: its exit code is then unknowable here and
+    the caller must look at the process itself (it keeps running: it is in its own session).
+    """
+
+    def __init__(self, conn: socket.socket, pid: int, pending: bytes = b""):
+        import threading
+        self.conn, self.pid, self.returncode, self.lost = conn, pid, None, False
+        self._buffer = pending
+        self._lock = threading.Lock()  # pclited polls from several threads
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        with self._lock:
+            if self.returncode is None and not self.lost:
+                line, self._buffer = _read_line(self.conn, self._buffer, timeout)
+                if line is None:
+                    return None
+                if line:
+                    self.returncode = json.loads(line)["exit_code"]
+                else:
+                    self.lost = True
+                self.conn.close()
+            return self.returncode
+
+    def poll(self) -> int | None:
+        return self.wait(0) if self.returncode is None else self.returncode
+
+
+def _read_line(conn: socket.socket, buffer: bytes, timeout: float | None) -> tuple[bytes | None, bytes]:
+    """(one reply line, what is left): line None when none arrived within timeout, b"" when the server closed."""
+    import select
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in buffer:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([conn], [], [], remaining)[0]:
+            return None, buffer
+        chunk = conn.recv(4096)
+        if not chunk:
+            return b"", buffer
+        buffer += chunk
+    line, _, rest = buffer.partition(b"\n")
+    return line, rest
+
+
+def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cwd: str | None = None) -> ForkedVmm:
+    """Ask the fork server at `server` for a VMM running `argv` (e.g. ["run", "--kernel", ...])."""
+    request = {"argv": argv, "cwd": cwd or os.getcwd(), "t0": time.monotonic()}
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(server)
+        socket.send_fds(conn, [json.dumps(request).encode()], [stdin, stdout, stderr])
+        first = b""
+        while b"\n" not in first:  # the pid line; the exit line may follow in the same read
+            chunk = conn.recv(4096) if select_readable(conn, 30) else b""
+            if not chunk:
+                break
+            first += chunk
+    except OSError as exc:
+        conn.close()
+        raise ForkServerError(f"no VMM fork server at {server} ({exc}): start one with "
+                              f"`python -m hypervisor forkserver --socket {server}`") from None
+    line, _, rest = first.partition(b"\n")
+    reply = json.loads(line or b"{}")
+    if "pid" not in reply:
+        conn.close()
+        raise ForkServerError(reply.get("error", "the fork server closed the connection without a pid"))
+    return ForkedVmm(conn, reply["pid"], rest)
+
+
+def select_readable(conn: socket.socket, timeout: float) -> bool:
+    import select
+    return bool(select.select([conn], [], [], timeout)[0])
+
+
+def main(argv: list[str]) -> int:
+    return serve(argv)

@@ -1,0 +1,79 @@
+"""The VMM fork server on the host: a real server process, real forks, real fds; no guest needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from hypervisor.forkserver import ForkServerError, spawn
+from hypervisor.launch import vmm_command
+
+
+@pytest.fixture
+def server(tmp_path):
+    path = str(tmp_path / "fork.sock")
+    proc = subprocess.Popen(vmm_command(["forkserver", "--socket", path]), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "fork server never listened"
+        time.sleep(0.01)
+    yield path
+    proc.terminate()
+    assert proc.wait(10) is not None
+    assert not os.path.exists(path), "the fork server left its socket behind"
+
+
+def _spawn(server, argv):
+    read_end, write_end = os.pipe()
+    vm = spawn(server, argv, 0, write_end, write_end)
+    os.close(write_end)
+    return vm, read_end
+
+
+def _drain(fd) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 65536):
+        out += chunk
+    os.close(fd)
+    return out
+
+
+def test_forked_vmm_reports_its_error_and_exit_code(server):
+    started = time.monotonic()
+    vm, out = _spawn(server, ["run", "--kernel", "/nonexistent/vmlinux"])
+    assert vm.wait(10) == 1
+    assert b"kernel /nonexistent/vmlinux does not exist" in _drain(out)
+    assert time.monotonic() - started < 2  # no interpreter start: a fork
+
+
+def test_usage_error_exit_code_and_many_children(server):
+    vms = [_spawn(server, ["run", "--bogus"]) for _ in range(10)]
+    assert [vm.wait(10) for vm, _ in vms] == [2] * 10
+    assert all(b"unknown option '--bogus'" in _drain(out) for _, out in vms)
+
+
+def test_poll_before_exit_is_none(server, tmp_path):
+    # exec a command through a socket that nothing serves: the child fails, but only after we polled
+    vm, out = _spawn(server, ["exec", "--api-sock", str(tmp_path / "none.sock"), "--", "true"])
+    code = vm.poll()
+    assert code in (None, 125)
+    assert vm.wait(10) == 125 and b"no VMM at" in _drain(out)
+
+
+def test_bad_request_is_refused_with_a_reason(server):
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(server)
+        conn.sendall(json.dumps({"argv": ["run"]}).encode())  # no fds attached
+        reply = json.loads(conn.makefile("rb").readline())
+    assert "exactly 3 file descriptors" in reply["error"]
+
+
+def test_missing_server_says_how_to_start_one(tmp_path):
+    with pytest.raises(ForkServerError, match="python -m hypervisor forkserver --socket"):
+        spawn(str(tmp_path / "nope.sock"), ["run"], 0, 1, 2)
