@@ -120,6 +120,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> int:
         _reply(conn, {"error": f"bad fork request: {exc}"})
         conn.close()
         return 0
+    _preload_images(request["argv"])
     pid = os.fork()
     if pid == 0:  # the new VMM
         code = 1
@@ -141,6 +142,15 @@ def _handle(conn: socket.socket, listener: socket.socket) -> int:
     conn.settimeout(None)
     _reply(conn, {"pid": pid})
     return pid
+
+
+def _preload_images(argv: list) -> None:
+    """Keep the kernel and initrd a request names in the server's memory: its children copy them from there."""
+    from hypervisor.image_file import preload
+    for flag in ("--kernel", "--initrd"):
+        if flag in argv[:-1]:
+            with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
+                preload(str(argv[argv.index(flag) + 1]))
 
 
 def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:

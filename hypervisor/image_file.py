@@ -19,6 +19,19 @@ def _address(buffer) -> int:
     return buffer_address(buffer)
 
 
+# path -> ((size, mtime_ns), bytes): images a fork server keeps in memory, so the VMMs it forks copy them from
+# shared pages instead of reading the file again (700 ms for a 17 MB vmlinux on the lab's uncached 9p share).
+_PRELOADED: dict[str, tuple[tuple[int, int], bytearray]] = {}
+
+
+def preload(path: str) -> None:
+    stat = os.stat(path)
+    key = (stat.st_size, stat.st_mtime_ns)
+    if path not in _PRELOADED or _PRELOADED[path][0] != key:
+        with open(path, "rb") as file:
+            _PRELOADED[path] = (key, bytearray(file.read()))
+
+
 class ImageFile:
     """One image file. `view` is what the loader gets: a copy-on-write mapping that is never written (writable
     only so that the address, hence the file offset, of a slice the loader returns can be taken)."""
@@ -26,10 +39,16 @@ class ImageFile:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        size = os.fstat(self.fd).st_size
+        stat = os.fstat(self.fd)
+        size = stat.st_size
         self._map = None
         self.view = memoryview(b"")
-        if size:
+        cached = _PRELOADED.get(path)
+        if cached and cached[0] == (size, stat.st_mtime_ns):  # the same file as when it was preloaded
+            self._map = cached[1]
+            self.view = memoryview(self._map)
+            self._base = _address(self._map)
+        elif size:
             self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self.view = memoryview(self._map)
             self._base = _address(self._map)
@@ -41,6 +60,12 @@ class ImageFile:
         return _address(data) - self._base
 
     def read_into(self, dest: memoryview, offset: int) -> None:
+        if isinstance(self._map, bytearray):
+            if offset + len(dest) > len(self._map):
+                raise OSError(f"{self.path}: {len(dest)} bytes at {offset} are past its end ({len(self._map)})")
+            import ctypes  # memmove releases the GIL (a slice copy would not): the vCPU set-up runs meanwhile
+            ctypes.memmove(_address(dest), self._base + offset, len(dest))
+            return
         while dest:
             count = os.preadv(self.fd, [dest], offset)
             if count <= 0:

@@ -126,7 +126,7 @@ class Pclited:
         self.log_path = data_dir / "pclited.log"
         self._log_offset = 0
 
-    def start(self, timeout_s: float = 60.0) -> Pclited:
+    def start(self, timeout_s: float = 180.0) -> Pclited:  # a loaded lab takes a while
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.url:  # a restart keeps its port, so clients made before it still work
             self.env["PCLITE_PORT"] = self.url.rsplit(":", 1)[1]

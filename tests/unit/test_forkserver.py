@@ -77,3 +77,22 @@ def test_bad_request_is_refused_with_a_reason(server):
 def test_missing_server_says_how_to_start_one(tmp_path):
     with pytest.raises(ForkServerError, match="python -m hypervisor forkserver --socket"):
         spawn(str(tmp_path / "nope.sock"), ["run"], 0, 1, 2)
+
+
+def test_preloaded_image_is_served_from_memory_until_the_file_changes(tmp_path):
+    from hypervisor.image_file import ImageFile, preload
+    path = tmp_path / "kernel"
+    path.write_bytes(b"A" * 8192)
+    preload(str(path))
+    path.write_bytes(b"B" * 8192)  # same size, new mtime: the preloaded copy is stale and must not be used
+    os.utime(path, ns=(1, 1))
+    image = ImageFile(str(path))
+    dest = bytearray(16)
+    image.read_into(memoryview(dest), 100)
+    assert dest == b"B" * 16
+    preload(str(path))
+    cached = ImageFile(str(path))
+    assert cached.offset_of(cached.view[4096:4100]) == 4096
+    dest = bytearray(8)
+    cached.read_into(memoryview(dest), 8000)
+    assert dest == b"B" * 8 and isinstance(cached._map, bytearray)
