@@ -7,5 +7,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+failed = []
 for name in ("boot_peers", "boot", "agent", "claim"):
-    runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+    try:
+        runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+    except SystemExit as exc:  # a bench that ends with sys.exit(code) must not end the others
+        if exc.code:
+            failed.append(name)
+    print(flush=True)
+sys.exit(f"benchmarks that failed: {', '.join(failed)}" if failed else 0)
