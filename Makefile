@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 busybox-static linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio \
-                e2fsprogs postgresql gcc libc6-dev make xz-utils prometheus
+                e2fsprogs postgresql gcc libc6-dev make xz-utils prometheus containerd runc
 
 .PHONY: all deps venv kernel initramfs artifacts lab test test-host test-guest bench run lint clean
 all: artifacts

@@ -5,6 +5,9 @@
                            [--api-sock PATH [--detach]]
   python -m hypervisor exec --api-sock PATH [--timeout S] [--cwd DIR] -- CMD ARGS...
   python -m hypervisor forkserver --socket PATH     (pre-imported; forks a VMM per request)
+  python -m hypervisor snapshot --api-sock PATH --out DIR [--paused]
+  python -m hypervisor restore --from DIR [--api-sock PATH [--detach]] [--console -|FILE|none] [--hostname NAME]
+                               [--timeline]
 
 run: one VM in the foreground; exits 0 when the guest powers off or reboots, nonzero when it fails.
 --boot: auto (PVH for an ELF with the note, else its 64-bit entry; a bzImage via its 64-bit entry),
@@ -13,6 +16,10 @@ pvh, bzimage (64-bit entry at +0x200), unpack (decompress a bzImage on the host,
 socket; the VMM then stops when its parent process exits, unless --detach.
 exec: run CMD in the guest through its agent; prints its stdout/stderr and exits with its exit code
 (stdin is passed when it is not a terminal).
+snapshot: pause the VM behind --api-sock, write its state and RAM to DIR, resume it (unless --paused).
+restore: run a clone of the snapshot in DIR (no kernel is loaded; RAM is DIR/memory, copy-on-write); the agent
+is ready at once, with fresh entropy, the current time and its own host name (--hostname, else a random one).
+A snapshot from another format version, a corrupted one, or one from a different host is refused (exit 1).
 """
 
 from hypervisor.timeline import Timeline
@@ -29,6 +36,9 @@ RUN_OPTIONS = {
     "--mem": (int, 256), "--vcpus": (int, 1), "--console": (str, "-"), "--boot": (str, "auto"),
     "--timeline": (bool, False), "--api-sock": (str, None), "--detach": (bool, False),
 }
+SNAPSHOT_OPTIONS = {"--api-sock": (str, REQUIRED), "--out": (str, REQUIRED), "--paused": (bool, False)}
+RESTORE_OPTIONS = {"--from": (str, REQUIRED), "--api-sock": (str, None), "--console": (str, "-"),
+                   "--hostname": (str, None), "--detach": (bool, False), "--timeline": (bool, False)}
 EXEC_OPTIONS = {"--api-sock": (str, REQUIRED), "--timeout": (float, None), "--cwd": (str, "/")}
 PARENT_POLL_S = 0.5
 
@@ -127,6 +137,66 @@ def _socket_in_use(path: str) -> bool:
             return False
 
 
+def cmd_snapshot(argv: list[str]) -> int:
+    opts = parse_options(argv, SNAPSHOT_OPTIONS, __doc__)
+    import json
+
+    from hypervisor.client import VmmClient, VmmError
+    try:  # an absolute path: the VMM's working directory is not ours
+        summary = VmmClient(opts["api_sock"]).snapshot(os.path.abspath(opts["out"]), resume=not opts["paused"])
+    except VmmError as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_restore(argv: list[str]) -> int:
+    opts = parse_options(argv, RESTORE_OPTIONS, __doc__)
+    from hypervisor.kvm import KvmError
+    from hypervisor.restore import restore
+    from hypervisor.snapshot import SnapshotError
+    from hypervisor.vm import Machine  # noqa: F401 - imported before vmm_ready, as `run` does
+    TIMELINE.mark("vmm_ready")
+    if opts["api_sock"] and _socket_in_use(opts["api_sock"]):
+        print(f"pclite: error: --api-sock {opts['api_sock']} is in use by a running VMM: pick another path",
+              file=sys.stderr)
+        return 1
+    try:
+        machine, agent = restore(opts["from"], _console_sink(opts["console"]), TIMELINE, opts["hostname"])
+    except (SnapshotError, KvmError, OSError) as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"pclite: error: snapshot {opts['from']} has a malformed state ({type(exc).__name__}: {exc}): take "
+              f"a new snapshot with this pclite", file=sys.stderr)
+        return 1
+    # Served only now: the first GET /status already says agent_ready, and the clone has its own identity.
+    try:
+        server = _serve_api(opts, machine, agent) if opts["api_sock"] else None
+        TIMELINE.mark("api_served")
+    except OSError as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        machine.stop("the control API could not start", 1)
+        machine.close()
+        return 1
+    try:
+        code = machine.wait()
+    except KeyboardInterrupt:
+        machine.stop("interrupted (Ctrl-C)", 130)
+        code = 130
+    agent.close()
+    if server:
+        server.close()
+    print(f"pclite: VM stopped: {machine.stop_reason}", file=sys.stderr)
+    if opts["timeline"]:
+        import json
+        print(json.dumps({"timeline_ms": TIMELINE.as_ms(), "exits": machine.exit_counts(), "boot": "restore",
+                          "exit_code": code, "reason": machine.stop_reason}), file=sys.stderr)
+    machine.close()
+    return code
+
+
 def cmd_exec(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     opts = parse_options(argv[:split], EXEC_OPTIONS, __doc__)
@@ -160,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(argv[1:])
         if argv[:1] == ["exec"]:
             return cmd_exec(argv[1:])
+        if argv[:1] == ["snapshot"]:
+            return cmd_snapshot(argv[1:])
+        if argv[:1] == ["restore"]:
+            return cmd_restore(argv[1:])
         if argv[:1] == ["forkserver"]:
             from hypervisor.forkserver import serve
             return serve(argv[1:])

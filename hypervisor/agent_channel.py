@@ -22,6 +22,7 @@ log = LazyLogger("pclite.agent")
 
 STDIN_CHUNK = 256 << 10
 EXEC_GRACE_S = 10.0  # the agent enforces the exec timeout; the host waits this much longer before giving up
+INTERACTIVE_PATIENCE_S = 1e8  # "forever" that SimpleQueue.get still accepts as a timeout
 _CLOSED = object()
 
 
@@ -151,6 +152,46 @@ class AgentChannel:
         finally:
             self._done(request_id)
 
+    def request_all(self, requests: list[tuple[int, bytes]], timeout_s: float = 10.0) -> list[bytes]:
+        """Several (type, payload) requests sent back to back, then all replies awaited: one round trip."""
+        return self.await_replies(self.send_requests(requests, timeout_s), timeout_s)
+
+    def send_requests(self, requests: list[tuple[int, bytes]], timeout_s: float = 10.0) -> list:
+        """Send requests without waiting: the agent handles them before anything sent later (stream order).
+        Returns tickets for await_replies(), which must be called (it releases the request ids)."""
+        tickets: list = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            for frame_type, payload in requests:
+                tickets.append((frame_type, *self._open()))
+                self._send(frame_type, tickets[-1][1], payload, deadline)
+        except BaseException:
+            for _, request_id, _ in tickets:
+                self._done(request_id)
+            raise
+        return tickets
+
+    def await_replies(self, tickets: list, timeout_s: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout_s
+        try:
+            return [self._next(waiter, deadline, P.type_name(frame_type)).payload for frame_type, _, waiter in tickets]
+        finally:
+            for _, request_id, _ in tickets:
+                self._done(request_id)
+
+    # ---- snapshots (hypervisor/snapshot.py, hypervisor/restore.py)
+
+    @property
+    def busy(self) -> bool:
+        """A request is awaiting its reply, or a frame from the guest is half-received."""
+        with self._pending_lock:
+            return bool(self._pending) or self._decoder.pending > 0
+
+    def adopt(self, version: str | None) -> None:
+        """A restored guest's agent: it announced itself before the snapshot and is waiting for requests."""
+        self.version = version
+        self.ready.set()
+
     def ping(self, timeout_s: float = 5.0) -> float:
         started = time.monotonic()
         self.request(T.PING, b"ping", timeout_s)
@@ -158,31 +199,50 @@ class AgentChannel:
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str = "/",
              stdin: bytes | None = None, timeout_s: float | None = None, output_cap: int = 1 << 20,
-             on_output: Callable[[int, bytes], None] | None = None) -> ExecOutcome:
-        """Run argv in the guest. on_output(stream, data) streams output (stream 1 stdout, 2 stderr)."""
+             on_output: Callable[[int, bytes], None] | None = None,
+             on_started: Callable[[int, int], None] | None = None, interactive: bool = False,
+             **process) -> ExecOutcome:
+        """Run argv in the guest. on_output(stream, data) streams output (stream 1 stdout, 2 stderr).
+
+        interactive: stdin stays open for send_stdin(exec id) (`stdin` is ignored) and, without a timeout, the host
+        waits as long as the process lives; on_started(exec id, guest pid) says when it runs. `process`: the
+        ExecRequest process fields (tty, root, user, rlimits, size).
+        """
         request_id, waiter = self._open()
         timeout_ms = int(timeout_s * 1000) if timeout_s else 0
-        # With no exec timeout the host still needs a bound on a silent agent; output resets it.
-        patience = (timeout_s or 3600.0) + EXEC_GRACE_S
+        # With no exec timeout the host still needs a bound on a silent agent; output resets it. A container's
+        # process (interactive) may rightly stay silent for days: only a stopped VM ends the wait then.
+        patience = (timeout_s or (INTERACTIVE_PATIENCE_S if interactive else 3600.0)) + EXEC_GRACE_S
         deadline = time.monotonic() + patience
         started = time.monotonic()
         out, err = bytearray(), bytearray()
         pid = None
         try:
             env_list = [f"{k}={v}" for k, v in (env or {}).items()]
-            payload = P.ExecRequest(tuple(argv), cwd, tuple(env_list), timeout_ms, output_cap, stdin is not None)
+            payload = P.ExecRequest(tuple(argv), cwd, tuple(env_list), timeout_ms, output_cap,
+                                    interactive or stdin is not None, **process)
             self._send(T.EXEC, request_id, payload.encode(), deadline)
-            if stdin is not None:
+            if stdin is not None and not interactive:
                 view = memoryview(stdin)
                 for offset in range(0, len(view), STDIN_CHUNK):
                     self._send(T.STDIN, request_id, bytes(view[offset:offset + STDIN_CHUNK]), deadline)
                 self._send(T.STDIN, request_id, b"", deadline)
             while True:
-                frame = self._next(waiter, deadline, "exec")
+                try:
+                    frame = self._next(waiter, deadline, "exec")
+                except AgentUnavailable:
+                    raise
+                except AgentError:
+                    if pid is None:
+                        raise  # the process could not start
+                    continue  # after STARTED, an ERROR answers a SIGNAL or RESIZE for this exec id
                 if frame.type == T.STARTED:
                     pid = P.Started.decode(frame.payload).pid
+                    if on_started:
+                        on_started(request_id, pid)
                 elif frame.type in (T.STDOUT, T.STDERR):
-                    (out if frame.type == T.STDOUT else err).extend(frame.payload)
+                    if not interactive:  # a container's output is only streamed: it may never end
+                        (out if frame.type == T.STDOUT else err).extend(frame.payload)
                     if on_output:
                         on_output(1 if frame.type == T.STDOUT else 2, frame.payload)
                 elif frame.type == T.EXIT:
@@ -196,6 +256,19 @@ class AgentChannel:
                         pid=pid)
         finally:
             self._done(request_id)
+
+    def send_stdin(self, exec_id: int, data: bytes, eof: bool = False) -> None:
+        """Stdin for an interactive exec, in pieces the channel takes; eof closes it after the data."""
+        deadline = time.monotonic() + 30
+        view = memoryview(data)
+        for offset in range(0, len(view), STDIN_CHUNK):
+            self._send(T.STDIN, exec_id, bytes(view[offset:offset + STDIN_CHUNK]), deadline)
+        if eof:
+            self._send(T.STDIN, exec_id, b"", deadline)
+
+    def resize(self, exec_id: int, rows: int, cols: int) -> None:
+        """The terminal size of an exec started with tty; the agent's reply goes to the exec's waiter."""
+        self._send(T.RESIZE, exec_id, P.ResizeRequest(rows, cols).encode(), time.monotonic() + 5)
 
     def signal(self, exec_id: int, signo: int) -> None:
         """Signal a running exec's process group. The agent's OK goes to the exec's own waiter, which skips it."""

@@ -66,8 +66,8 @@ class ApiServer:
             os.unlink(path)  # a stale socket from a dead VMM; a live one would have been refused by the caller
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
+        self.sock.listen(64)  # at once: a client may connect as soon as the path exists (restore: = ready)
         os.chmod(path, 0o600)
-        self.sock.listen(64)
         self._closed = False
 
     def serve_in_background(self) -> None:

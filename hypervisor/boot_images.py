@@ -18,7 +18,7 @@ from hypervisor.virtio.mmio import cmdline_arg
 
 # virtio-mmio slots, in this order, one 4 KiB window and one IRQ each, announced on the kernel command line;
 # Machine attaches the devices in the same order.
-VIRTIO_SLOTS = ("rng", "console")
+VIRTIO_SLOTS = ("rng", "console", "rootfs")  # rootfs: virtio-blk, its backing swapped at claim time
 
 
 def kernel_cmdline(cmdline: str, extra: list[str] | tuple[str, ...] = ()) -> str:

@@ -149,8 +149,102 @@ class VmmClient:
     def action(self, action: str) -> None:
         self._call("PUT", "/actions", {"action": action})
 
+    # ---- containers (hypervisor/control_container.py)
+
+    def swap_drive(self, path: str | None, read_only: bool = False, wait_s: float = 5.0) -> dict:
+        """Point the rootfs disk at an image (None: the empty placeholder); returns once the guest sees it."""
+        return self._call("PUT", "/drives/rootfs", {"path": path, "read_only": read_only, "wait_s": wait_s},
+                          timeout=wait_s + 10)
+
+    def mount(self, source: str, target: str, fstype: str = "", flags: int = 0, data: str = "",
+              mkdir: bool = True) -> None:
+        self._call("POST", "/mounts", {"source": source, "target": target, "fstype": fstype, "flags": flags,
+                                       "data": data, "mkdir": mkdir})
+
+    def set_hostname(self, name: str) -> None:
+        self._call("PUT", "/hostname", {"hostname": name})
+
+    def start_process(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str = "/",
+                      timeout_s: float | None = None, **process) -> Process:
+        """Start an interactive process (stdin open, output streamed, killed if this client goes away).
+
+        process: tty, root, user {"uid", "gid", "groups"}, rlimits [[resource, soft, hard]], size [rows, cols].
+        Raises VmmError when it cannot start (the agent's sentence, e.g. `execve /bin/nope: ...`).
+        """
+        body = {"argv": list(argv), "env": env or {}, "cwd": cwd, "timeout_s": timeout_s, "output_cap": 0,
+                "interactive": True, **{k: v for k, v in process.items() if v is not None}}
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("POST", "/exec", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise VmmUnavailable(f"no VMM at {self.socket_path} to start {argv[0]} ({exc}): the VM has stopped") \
+                from None
+        if response.status >= 400:
+            data = response.read()
+            conn.close()
+            raise VmmError(_error_text(data, response.status), response.status)
+        conn.sock.settimeout(None)  # a container's process may stay silent for as long as it likes
+        process_ = Process(self, conn, response)
+        first = process_._next_event()
+        if "started" not in first:
+            conn.close()
+            raise VmmError(first.get("error") or f"the VMM did not start {argv[0]}: {first}")
+        process_.exec_id, process_.pid = first["started"]["exec_id"], first["started"]["pid"]
+        return process_
+
+    def snapshot(self, out_dir: str | Path, resume: bool = True, timeout_s: float = 600.0) -> dict:
+        """Pause the VM, write a snapshot to out_dir (hypervisor/snapshot.py), resume it unless resume=False."""
+        return self._call("PUT", "/snapshot", {"dir": str(out_dir), "resume": resume}, timeout=timeout_s)
+
     def console(self, tail: int = 65536) -> bytes:
         return self._call("GET", f"/console?tail={int(tail)}")
+
+
+class Process:
+    """An interactive process in the guest: events() yields ("stdout"|"stderr", bytes) then ("exit", ExecResult)."""
+
+    def __init__(self, client: VmmClient, conn, response):
+        self.client, self._conn, self._response = client, conn, response
+        self.exec_id = self.pid = None
+
+    def _next_event(self) -> dict:
+        line = b"\n"
+        while line == b"\n":  # blank lines are the VMM's heartbeats
+            try:
+                line = self._response.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                raise VmmUnavailable(f"lost the VMM at {self.client.socket_path} while its process ran: {exc}") \
+                    from None
+        if not line:
+            raise VmmUnavailable("the VMM closed the process stream before the process ended (did the VM stop?)")
+        return json.loads(line)
+
+    def events(self):
+        while True:
+            event = self._next_event()
+            if "error" in event:
+                raise VmmError(f"the guest agent failed the process: {event['error']}")
+            if "exit" in event:
+                yield "exit", ExecResult.from_json(event["exit"], b"", b"")
+                return
+            for key, name in (("stdout_b64", "stdout"), ("stderr_b64", "stderr")):
+                if key in event:
+                    yield name, base64.b64decode(event[key])
+
+    def write(self, data: bytes, eof: bool = False) -> None:
+        self.client._call("POST", "/exec/stdin", {"exec_id": self.exec_id, "data_b64": base64.b64encode(data).decode(),
+                                                  "eof": eof})
+
+    def signal(self, signo: int) -> None:
+        self.client._call("POST", "/exec/signal", {"exec_id": self.exec_id, "signal": signo})
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.client._call("POST", "/exec/resize", {"exec_id": self.exec_id, "rows": rows, "cols": cols})
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def _error_text(data: bytes, status: int) -> str:

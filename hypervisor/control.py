@@ -5,6 +5,8 @@
   POST /exec                 {argv, env?, cwd?, stdin_b64?, timeout_s?, output_cap?, stream?}
   PUT  /actions              {"action": "shutdown" | "pause" | "resume"}
   GET  /console?tail=N       the last N bytes of the serial console (text/plain)
+  PUT  /snapshot              {"dir": DIR, "resume"?: true}: pause, write DIR (hypervisor/snapshot.py), resume
+  PUT  /drives/rootfs, POST /mounts, PUT /hostname, POST /exec/stdin|signal|resize: see control_container.py
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from _queue import SimpleQueue  # what `queue` re-exports, without its imports: 
 
 from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable
 from hypervisor.api_server import HttpError, Request, Response
+from hypervisor.control_container import ContainerRoutes
 
 MAX_OUTPUT_CAP = 64 << 20
 SHUTDOWN_GRACE_S = 10.0
@@ -29,6 +32,9 @@ class Controller:
         self.routes = {("GET", "/status"): self.status, ("GET", "/agent/ping"): self.ping,
                        ("POST", "/exec"): self.exec, ("PUT", "/actions"): self.actions,
                        ("GET", "/console"): self.console}
+        self.container = ContainerRoutes(machine, agent)  # rootfs disk, mounts, interactive process I/O
+        self.routes.update(self.container.routes)
+        self.routes[("PUT", "/snapshot")] = self.snapshot
 
     def __call__(self, request: Request) -> Response:
         route = self.routes.get((request.method, request.path))
@@ -86,6 +92,9 @@ class Controller:
             raise HttpError(400, f"output_cap must be 0..{MAX_OUTPUT_CAP} bytes (0 = unlimited), got {cap!r}")
         cwd = spec.get("cwd") or "/"
         kwargs = dict(env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s, output_cap=cap)
+        kwargs.update(self.container.exec_fields(spec))  # tty, root, user, rlimits, size
+        if spec.get("interactive"):
+            return Response(200, self.container.interactive(argv, kwargs), "application/x-ndjson")
         if spec.get("stream"):
             return Response(200, self._stream_exec(argv, kwargs), "application/x-ndjson")
         return Response(200, self.agent.exec(argv, **kwargs).as_json())
@@ -138,6 +147,21 @@ class Controller:
             pass
         if not self.machine.wait_stopped(SHUTDOWN_GRACE_S):
             self.machine.stop("shutdown requested; the guest did not power off in time", 0)
+
+    def snapshot(self, request: Request) -> Response:
+        spec = request.json()
+        out_dir = spec.get("dir")
+        if not isinstance(out_dir, str) or not out_dir:
+            raise HttpError(400, "dir must name the directory to write the snapshot to, e.g. {\"dir\": \"/run/t1\"}")
+        from hypervisor.snapshot import SnapshotError, take_snapshot
+        if self.machine.stopping:
+            raise HttpError(409, "the VM has stopped: there is nothing to snapshot")
+        try:
+            return Response(200, take_snapshot(self.machine, self.agent, out_dir, bool(spec.get("resume", True))))
+        except SnapshotError as exc:
+            raise HttpError(409, str(exc)) from None
+        except OSError as exc:
+            raise HttpError(500, f"writing the snapshot to {out_dir} failed: {exc}") from None
 
     def console(self, request: Request) -> Response:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 from guestboot.layout import ram_regions
 
@@ -25,6 +26,27 @@ class GuestMemory:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
             self.regions.append((gpa, size, mapping))
         self._views = [(gpa, gpa + size, memoryview(mapping)) for gpa, size, mapping in self.regions]
+
+    @classmethod
+    def from_file(cls, path: str, regions: list[tuple[int, int, int]]) -> GuestMemory:
+        """RAM mapped copy-on-write from a snapshot's memory file: regions (gpa, size, file offset).
+
+        MAP_PRIVATE: every clone of one snapshot reads the same page-cache pages and owns only the pages it
+        writes. No MADV_HUGEPAGE here: a huge page would turn a clone's first write into a 2 MiB private copy.
+        """
+        memory = cls.__new__(cls)
+        memory.size, memory.regions = sum(size for _, size, _ in regions), []
+        memory.file_backed = True  # a snapshot of this RAM cannot treat unmapped pages as zero
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for gpa, size, offset in regions:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                memory.regions.append((gpa, size, mapping))
+        finally:
+            os.close(fd)  # the mappings keep the file
+        memory._views = [(gpa, gpa + size, memoryview(mapping)) for gpa, size, mapping in memory.regions]
+        return memory
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of [gpa, gpa+length) if it lies inside one RAM region, else GuestMemoryError."""

@@ -23,6 +23,7 @@ from hypervisor.vcpu import VcpuThread, configure_vcpu, set_boot_registers
 TSS_ADDR = 0xFFFBD000  # three pages just below the identity-map page, inside the top-of-4G hole (not RAM)
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MIN_MEM_MIB = 32
+PLACEHOLDER_DISK = "/dev/null"  # reads as a 0-byte file: a disk of capacity 0 until an image is swapped in
 MAX_VCPUS = 64
 
 
@@ -34,7 +35,8 @@ class MachineConfig:
     # A plain class, not a dataclass: importing dataclasses costs ~0.2 s of VMM start-up in the lab.
     def __init__(self, kernel: str, initrd: str | None = None, cmdline: str = "console=ttyS0 panic=-1",
                  mem_mib: int = 256, vcpus: int = 1, boot: str = "auto", console_sink=None,
-                 extra_cmdline: list[str] | None = None, agent_sink=None):
+                 extra_cmdline: list[str] | None = None, agent_sink=None, rootfs: str | None = None,
+                 rootfs_read_only: bool = False):
         self.kernel = kernel
         self.initrd = initrd
         self.cmdline = cmdline
@@ -44,6 +46,10 @@ class MachineConfig:
         self.console_sink = console_sink  # callable(bytes) or None to discard
         self.extra_cmdline = [] if extra_cmdline is None else extra_cmdline
         self.agent_sink = agent_sink  # callable(bytes): what the guest writes to /dev/hvc0 (the agent channel)
+        # The rootfs disk's backing file. None: an empty placeholder (capacity 0, offered writable, since the guest
+        # reads the RO feature only when it probes) until PUT /drives/rootfs swaps a real image in.
+        self.rootfs = rootfs
+        self.rootfs_read_only = rootfs_read_only
 
     def __repr__(self) -> str:
         return f"MachineConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -53,7 +59,7 @@ class MachineConfig:
             raise VmConfigError(f"--vcpus must be 1..{MAX_VCPUS}, got {self.vcpus}")
         if self.mem_mib < MIN_MEM_MIB:
             raise VmConfigError(f"--mem must be at least {MIN_MEM_MIB} MiB, got {self.mem_mib}")
-        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd), ("rootfs", self.rootfs)):
             if path is not None and not os.path.isfile(path):
                 raise VmConfigError(f"{what} {path} does not exist or is not a file")
 
@@ -109,6 +115,35 @@ class Machine:
         set_boot_registers(self.threads[0].vcpu, initial_cpu_state(self.plan))  # the others wait for INIT/SIPI
         return self
 
+    def build_restored(self, memory, kvm: Kvm | None = None, vm=None) -> Machine:
+        """The machine of a snapshot (hypervisor/restore.py): KVM objects, chips, `memory` (already holding the
+        guest), devices and bare vCPUs, as build() makes them; no kernel, no registers: the snapshot's state is
+        applied next. `vm`: one from prepare_vm(kvm), made ahead. Keep in step with build()."""
+        self.kvm = kvm or Kvm()
+        self.vm = vm or self.prepare_vm(self.kvm)
+        self.timeline.mark("vm_created")
+        self.memory = memory
+        for slot, (gpa, size, mapping) in enumerate(memory.regions):
+            self.vm.set_user_memory_region(slot, gpa, size, buffer_address(mapping))
+        self._add_devices()
+        for index in range(self.config.vcpus):
+            self.threads.append(VcpuThread(self, self.vm.create_vcpu(index)))
+        return self
+
+    @staticmethod
+    def prepare_vm(kvm: Kvm):
+        """A new VM with what precedes RAM and devices in build(): TSS, identity map, irqchip, PIT."""
+        vm = kvm.create_vm()
+        try:
+            vm.set_tss_addr(TSS_ADDR)
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
     def irq_trigger(self, gsi: int):
         """An edge on `gsi` through an irqfd: one eventfd write, no ioctl."""
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -130,12 +165,17 @@ class Machine:
     VIRTIO_SLOTS = VIRTIO_SLOTS  # virtio-mmio slots, in this order (announced on the cmdline by kernel_cmdline)
 
     def _add_virtio(self) -> None:
+        from hypervisor.virtio.blk import BlockDevice
         from hypervisor.virtio.console import ConsoleDevice
         from hypervisor.virtio.mmio import MmioTransport
         from hypervisor.virtio.rng import RngDevice
         self.rng = RngDevice()
         self.console = ConsoleDevice(on_output=self.config.agent_sink)
-        for index, (name, device) in enumerate(zip(self.VIRTIO_SLOTS, (self.rng, self.console), strict=True)):
+        cfg = self.config
+        self.rootfs = BlockDevice(cfg.rootfs or PLACEHOLDER_DISK, cfg.rootfs_read_only if cfg.rootfs else False,
+                                  serial="rootfs")
+        devices = (self.rng, self.console, self.rootfs)
+        for index, (name, device) in enumerate(zip(self.VIRTIO_SLOTS, devices, strict=True)):
             transport = MmioTransport(device, self.memory, self.irq_trigger(layout.VIRTIO_IRQ_BASE + index), name)
             self.mmio_bus.register(layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE,
                                    layout.VIRTIO_MMIO_SIZE, transport)
@@ -209,6 +249,8 @@ class Machine:
                 thread.join(timeout=2)
         for efd in self._eventfds:
             os.close(efd)
+        if getattr(self, "rootfs", None) is not None:
+            self.rootfs.close()
         if self.vm is not None:
             self.vm.close()
         if self.kvm is not None:

@@ -159,6 +159,33 @@ class ExecOut(BaseModel):
     duration_ms: float
 
 
+class RootfsRequest(_In):
+    """POST /v1/vms/{id}/rootfs with a JSON body: a directory on the pclited host. (Or send a tar stream of the
+    rootfs with Content-Type: application/x-tar and read_only/size_mib as query parameters.)"""
+
+    path: str = Field(..., min_length=1, max_length=4096, description="absolute path of the rootfs directory")
+    read_only: bool = False
+    size_mib: int | None = Field(None, ge=1, le=1 << 20, description="ext4 image size; null = content + 64 MiB")
+
+
+class RootfsOut(BaseModel):
+    vm_id: str
+    device: str
+    mountpoint: str = Field(description="where the agent mounted it in the guest")
+    read_only: bool
+    image: str
+    image_bytes: int
+    content_bytes: int
+    files: int
+    size_mib: int
+    source: str
+    cached: bool = Field(description="the image was copied from pclited's cache of images of the same tree")
+    build_ms: float
+    attach_ms: float
+    tar_bytes: int | None = None
+    unpack_ms: float | None = None
+
+
 class EventOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

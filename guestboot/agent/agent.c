@@ -167,6 +167,8 @@ static void dispatch(uint32_t id, uint16_t type, const uint8_t *p, size_t len) {
     case T_RESEED: req_reseed(id, p, len); break;
     case T_SET_HOSTNAME: req_set_hostname(id, p, len); break;
     case T_SHUTDOWN: req_shutdown(id, p, len); break;
+    case T_MOUNT: req_mount(id, p, len); break;
+    case T_RESIZE: exec_resize(id, p, len); break;
     default: send_error(id, ENOSYS, "unknown request type %u", type); break;
     }
 }

@@ -28,6 +28,8 @@ enum {
     T_RESEED = 8,
     T_SET_HOSTNAME = 9,
     T_SHUTDOWN = 10,
+    T_MOUNT = 11,
+    T_RESIZE = 12,
 };
 
 /* Frame types, agent -> host. */
@@ -76,6 +78,37 @@ size_t outq_pending(void);
 uint64_t now_us(void);
 extern int stdio_mode;
 
+/* EXEC flags (PROTOCOL.md). */
+#define EXEC_STDIN_FOLLOWS 1u
+#define EXEC_TTY 2u     /* the child's stdio is a new terminal; its output arrives as STDOUT */
+#define EXEC_PROCESS 4u /* process fields follow the env strings: root, user, groups, rlimits, terminal size */
+#define MAX_GROUPS 64
+#define MAX_RLIMITS 16
+
+/* How the child of an EXEC is set up (process.c), parsed from the request by exec.c. */
+struct proc_opts {
+    const char *cwd;
+    char *const *argv;
+    char *const *envp;
+    int tty;
+    const char *root; /* chroot here before cwd ("" = stay in the agent's root) */
+    int set_user;     /* uid 0xFFFFFFFF on the wire = keep the agent's user, groups and gid */
+    uint32_t uid, gid;
+    unsigned ngroups, nrlimits;
+    uint32_t groups[MAX_GROUPS];
+    struct {
+        uint32_t resource;
+        uint64_t soft, hard;
+    } rlimits[MAX_RLIMITS];
+    uint16_t rows, cols; /* initial terminal size, 0 = leave */
+};
+
+/* process.c: the child side of fork(): never returns; failures go to status_fd as (stage, errno, detail). */
+void child_exec(const struct proc_opts *o, int in_r, int out_w, int err_w, int status_fd) __attribute__((noreturn));
+int proc_parse(struct cursor *c, struct proc_opts *o, char *why, size_t why_len);
+const char *child_stage_text(int stage, int detail, const struct proc_opts *o, char *buf, size_t len);
+int open_terminal(const char *root, uint16_t rows, uint16_t cols, int *slave);
+
 /* requests.c: the requests that are answered at once. */
 void req_write_file(uint32_t id, const uint8_t *p, size_t len);
 void req_read_file(uint32_t id, const uint8_t *p, size_t len);
@@ -83,12 +116,14 @@ void req_set_clock(uint32_t id, const uint8_t *p, size_t len);
 void req_reseed(uint32_t id, const uint8_t *p, size_t len);
 void req_set_hostname(uint32_t id, const uint8_t *p, size_t len);
 void req_shutdown(uint32_t id, const uint8_t *p, size_t len);
+void req_mount(uint32_t id, const uint8_t *p, size_t len);
 void flush_output_blocking(int timeout_ms);
 
 /* exec.c: child processes, their pipes, timeouts and exit reports. */
 void exec_start(uint32_t id, const uint8_t *p, size_t len);
 void exec_stdin(uint32_t id, const uint8_t *p, size_t len);
 void exec_signal(uint32_t id, const uint8_t *p, size_t len);
+void exec_resize(uint32_t id, const uint8_t *p, size_t len);
 int exec_fill_poll(struct pollfd *pfd, int n, int read_output);
 void exec_handle_poll(const struct pollfd *pfd);
 void exec_reap(void);

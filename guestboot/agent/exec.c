@@ -1,7 +1,8 @@
-/* pclite-agent: EXEC, STDIN and SIGNAL — child processes, their pipes, timeouts and EXIT reports.
+/* pclite-agent: EXEC, STDIN, SIGNAL and RESIZE — child processes, their pipes, timeouts and EXIT reports.
  *
  * A child runs in its own session (so its pid is its process group id) with stdout and stderr on pipes read here,
- * stdin on a pipe fed by STDIN frames or /dev/null. EXIT goes out once the child has been reaped AND both output
+ * stdin on a pipe fed by STDIN frames or /dev/null; or, with EXEC_TTY, all three on a new terminal whose master
+ * is read and written here. How the child itself is set up (chroot, user, rlimits) is process.c. EXIT goes out once the child has been reaped AND both output
  * pipes reached end of file; on a timeout (or when the host goes away) the whole group is killed and the pipes are
  * drained and closed as soon as the child has been reaped.
  */
@@ -12,22 +13,20 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "agent.h"
 
-#define EXEC_STDIN_FOLLOWS 1u
-#define DEFAULT_PATH "/usr/sbin:/usr/bin:/sbin:/bin"
-
 enum { OUT = 0, ERR = 1 };
-enum { STAGE_CHDIR = 1, STAGE_STDIN, STAGE_DUP, STAGE_EXECVE };
 
 struct exec {
     int used;
     uint32_t id;
     pid_t pid;             /* also the process group id: the child called setsid() */
     int fd_in, fd_out[2];  /* our pipe ends, -1 once closed; fd_out[OUT] is stdout, fd_out[ERR] stderr */
+    int tty;               /* fd_out[OUT] is a terminal's master (fd_in a dup of it), fd_out[ERR] is unused */
     uint8_t *in_buf;       /* stdin bytes the child's pipe has not taken yet */
     size_t in_head, in_len, in_cap;
     int in_close;          /* the host sent an empty STDIN: close once the buffer drains */
@@ -59,69 +58,9 @@ int exec_count(void) {
     return n;
 }
 
-/* ---- the child side of fork() ---- */
-
 struct child_failure {
-    int32_t stage, err;
+    int32_t stage, err, detail;
 };
-
-static void __attribute__((noreturn)) child_fail(int status_fd, int stage) {
-    struct child_failure f = {stage, errno};
-    ssize_t ignored = write(status_fd, &f, sizeof f);
-    (void)ignored;
-    _exit(127);
-}
-
-/* execve argv[0], searched in the PATH of envp (not the agent's) when it has no slash, like execvp. */
-static void exec_searching(char *const argv[], char *const envp[]) {
-    const char *file = argv[0];
-    if (!*file) {
-        errno = ENOENT;
-        return;
-    }
-    if (strchr(file, '/')) {
-        execve(file, argv, envp);
-        return;
-    }
-    const char *path = DEFAULT_PATH;
-    for (char *const *e = envp; *e; e++)
-        if (!strncmp(*e, "PATH=", 5))
-            path = *e + 5;
-    int saw_eacces = 0;
-    for (const char *dir = path;; dir++) {
-        const char *end = strchrnul(dir, ':');
-        char full[PATH_MAX];
-        int n = snprintf(full, sizeof full, "%.*s%s%s", (int)(end - dir), dir, end == dir ? "" : "/", file);
-        if (n > 0 && (size_t)n < sizeof full) {
-            execve(full, argv, envp);
-            if (errno == EACCES)
-                saw_eacces = 1;
-            else if (errno != ENOENT && errno != ENOTDIR && errno != ESTALE && errno != ELOOP && errno != ENAMETOOLONG)
-                return;
-        }
-        if (!*end)
-            break;
-        dir = end;
-    }
-    errno = saw_eacces ? EACCES : ENOENT;
-}
-
-static void __attribute__((noreturn)) child_exec(const char *cwd, char *const argv[], char *const envp[],
-                                                 int in_r, int out_w, int err_w, int status_w) {
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL); /* the agent blocks SIGCHLD; the mask survives execve */
-    signal(SIGPIPE, SIG_DFL);              /* and so does SIG_IGN */
-    setsid();
-    if (*cwd && chdir(cwd) < 0)
-        child_fail(status_w, STAGE_CHDIR);
-    if (in_r < 0 && (in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
-        child_fail(status_w, STAGE_STDIN);
-    if (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
-        child_fail(status_w, STAGE_DUP);
-    exec_searching(argv, envp);
-    child_fail(status_w, STAGE_EXECVE);
-}
 
 /* ---- EXEC ---- */
 
@@ -131,32 +70,38 @@ static void close_fd(int *fd) {
     *fd = -1;
 }
 
-static void report_child_failure(uint32_t id, const struct child_failure *f, const char *cwd, const char *argv0) {
-    const char *why = strerror(f->err);
-    switch (f->stage) {
-    case STAGE_CHDIR: send_error(id, f->err, "chdir %s: %s", cwd, why); break;
-    case STAGE_STDIN: send_error(id, f->err, "open /dev/null for stdin: %s", why); break;
-    case STAGE_DUP: send_error(id, f->err, "dup2 of the stdio pipes: %s", why); break;
-    default: send_error(id, f->err, "execve %s: %s", argv0, why); break;
-    }
+static void report_child_failure(uint32_t id, const struct child_failure *f, const struct proc_opts *o) {
+    char what[512];
+    send_error(id, f->err, "%s: %s", child_stage_text(f->stage, f->detail, o, what, sizeof what), strerror(f->err));
 }
 
 /* Fork and exec; on success fill e and return 0, on failure send the ERROR frame and return -1. */
-static int spawn(struct exec *e, const char *cwd, char *const argv[], char *const envp[], int with_stdin) {
-    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, st[2] = {-1, -1};
-    if ((with_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
-        pipe2(st, O_CLOEXEC) < 0) {
-        send_error(e->id, errno, "pipe2 for exec %s: %s", argv[0], strerror(errno));
+static int spawn(struct exec *e, const struct proc_opts *o, int with_stdin) {
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, st[2] = {-1, -1}, master = -1;
+    const char *argv0 = o->argv[0];
+    if (o->tty) { /* one terminal for stdin, stdout and stderr: in[0] is its slave, in[1] its master */
+        if ((master = open_terminal(o->root, o->rows, o->cols, &in[0])) < 0 || (in[1] = dup(master)) < 0) {
+            send_error(e->id, errno, "open a terminal for exec %s: %s", argv0, strerror(errno));
+            goto fail;
+        }
+        fcntl(in[1], F_SETFD, FD_CLOEXEC);
+    } else if ((with_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
+               pipe2(err, O_CLOEXEC) < 0) {
+        send_error(e->id, errno, "pipe2 for exec %s: %s", argv0, strerror(errno));
+        goto fail;
+    }
+    if (pipe2(st, O_CLOEXEC) < 0) {
+        send_error(e->id, errno, "pipe2 for exec %s: %s", argv0, strerror(errno));
         goto fail;
     }
     e->start_us = now_us();
     pid_t pid = fork();
     if (pid < 0) {
-        send_error(e->id, errno, "fork for exec %s: %s", argv[0], strerror(errno));
+        send_error(e->id, errno, "fork for exec %s: %s", argv0, strerror(errno));
         goto fail;
     }
     if (pid == 0)
-        child_exec(cwd, argv, envp, in[0], out[1], err[1], st[1]);
+        child_exec(o, in[0], o->tty ? in[0] : out[1], o->tty ? in[0] : err[1], st[1]);
     close_fd(&in[0]);
     close_fd(&out[1]);
     close_fd(&err[1]);
@@ -170,19 +115,22 @@ static int spawn(struct exec *e, const char *cwd, char *const argv[], char *cons
     if (n == (ssize_t)sizeof f) {
         while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
             ;
-        report_child_failure(e->id, &f, cwd, argv[0]);
+        report_child_failure(e->id, &f, o);
         goto fail;
     }
     e->pid = pid;
+    e->tty = o->tty;
     e->fd_in = in[1];
-    e->fd_out[OUT] = out[0];
-    e->fd_out[ERR] = err[0];
+    e->fd_out[OUT] = o->tty ? master : out[0];
+    e->fd_out[ERR] = o->tty ? -1 : err[0];
     for (int i = 0; i < 2; i++)
-        fcntl(e->fd_out[i], F_SETFL, O_NONBLOCK);
+        if (e->fd_out[i] >= 0)
+            fcntl(e->fd_out[i], F_SETFL, O_NONBLOCK);
     if (e->fd_in >= 0)
         fcntl(e->fd_in, F_SETFL, O_NONBLOCK);
     return 0;
 fail:
+    close_fd(&master);
     for (int i = 0; i < 2; i++) {
         close_fd(&in[i]);
         close_fd(&out[i]);
@@ -193,7 +141,7 @@ fail:
 }
 
 void exec_start(uint32_t id, const uint8_t *p, size_t len) {
-    static char *default_env[] = {"PATH=" DEFAULT_PATH, "HOME=/root", "TERM=dumb", NULL};
+    static char *default_env[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb", NULL};
     if (find_exec(id)) {
         send_error(id, EEXIST, "exec id %u is already running", id);
         return;
@@ -217,6 +165,8 @@ void exec_start(uint32_t id, const uint8_t *p, size_t len) {
         return;
     }
     char **argv = calloc(argc + 1, sizeof *argv), **env = calloc(envc + 1, sizeof *env);
+    static struct proc_opts o;
+    memset(&o, 0, sizeof o);
     struct cursor c = {p, len, 16};
     const char *cwd = take_str(&c);
     int ok = argv && env && cwd;
@@ -224,14 +174,21 @@ void exec_start(uint32_t id, const uint8_t *p, size_t len) {
         ok = (argv[i] = (char *)take_str(&c)) != NULL;
     for (unsigned i = 0; ok && i < envc; i++)
         ok = (env[i] = (char *)take_str(&c)) != NULL;
+    char why[256];
     if (!ok) {
         send_error(id, argv && env ? EINVAL : ENOMEM,
                    "EXEC: payload ends before cwd, %u argv and %u env NUL-terminated strings", argc, envc);
+    } else if ((flags & EXEC_PROCESS) && proc_parse(&c, &o, why, sizeof why) < 0) {
+        send_error(id, EINVAL, "%s", why);
     } else {
         memset(e, 0, sizeof *e);
         e->id = id;
         e->cap = cap;
-        if (spawn(e, cwd, argv, envc ? env : default_env, (flags & EXEC_STDIN_FOLLOWS) != 0) == 0) {
+        o.cwd = cwd;
+        o.argv = argv;
+        o.envp = envc ? env : default_env;
+        o.tty = (flags & EXEC_TTY) != 0;
+        if (spawn(e, &o, (flags & EXEC_STDIN_FOLLOWS) != 0) == 0) {
             e->used = 1;
             e->deadline_us = timeout_ms ? e->start_us + (uint64_t)timeout_ms * 1000u : 0;
             uint8_t started[4];
@@ -324,6 +281,27 @@ void exec_signal(uint32_t id, const uint8_t *p, size_t len) {
     if (signo > INT_MAX || kill(-e->pid, (int)signo) < 0) {
         int err = signo > INT_MAX ? EINVAL : errno;
         send_error(id, err, "kill process group %d of exec %u with signal %u: %s", e->pid, id, signo, strerror(err));
+        return;
+    }
+    send_ok(id);
+}
+
+/* ---- RESIZE ---- */
+
+void exec_resize(uint32_t id, const uint8_t *p, size_t len) {
+    if (len < 4) {
+        send_error(id, EINVAL, "RESIZE: payload needs <HH rows, cols>");
+        return;
+    }
+    struct exec *e = find_exec(id);
+    if (!e || e->fd_out[OUT] < 0) {
+        send_error(id, ESRCH, "resize the terminal of exec %u: no such exec is running", id);
+        return;
+    }
+    struct winsize ws = {.ws_row = get_u16(p), .ws_col = get_u16(p + 2)};
+    if (!e->tty || ioctl(e->fd_out[OUT], TIOCSWINSZ, &ws) < 0) {
+        int err = e->tty ? errno : ENOTTY;
+        send_error(id, err, "resize the terminal of exec %u: %s", id, e->tty ? strerror(err) : "it has no terminal");
         return;
     }
     send_ok(id);

@@ -41,6 +41,8 @@ class MsgType:
     RESEED = 8
     SET_HOSTNAME = 9
     SHUTDOWN = 10
+    MOUNT = 11
+    RESIZE = 12
     # agent -> host
     READY = 0x80
     OK = 0x81
@@ -54,6 +56,16 @@ class MsgType:
 
 class ExecFlags:
     STDIN_FOLLOWS = 1
+    TTY = 2      # stdin, stdout and stderr are a new terminal; its output arrives as STDOUT
+    PROCESS = 4  # process fields follow the env strings (ExecRequest.root/user/rlimits/size)
+
+
+KEEP_USER = 0xFFFFFFFF  # ExecRequest user None on the wire: the child keeps the agent's uid, gid and groups
+RLIM_INFINITY = (1 << 64) - 1
+
+
+class MountFlags:
+    MKDIR = 1  # MOUNT option: create the target (and its parents) first
 
 
 class WriteFlags:
@@ -183,15 +195,23 @@ def _pack(what: str, fmt: str, *values) -> bytes:
         raise ProtocolError(f"cannot encode {what} fields {values}: {exc}") from None
 
 
-class ExecRequest(namedtuple("ExecRequest", "argv cwd env timeout_ms output_cap stdin",
-                             defaults=("/", (), 0, 0, False))):
+class ExecRequest(namedtuple("ExecRequest", "argv cwd env timeout_ms output_cap stdin tty root user rlimits size",
+                             defaults=("/", (), 0, 0, False, False, "", None, (), None))):
     """EXEC: run argv (a tuple) in cwd ("" = the agent's own) with env (a tuple of "K=V"; empty = DEFAULT_ENV).
 
     stdin: STDIN_FOLLOWS, stdin is a pipe fed by STDIN frames (otherwise /dev/null).
+    tty: the child gets a new terminal for stdin/stdout/stderr (STDIN frames feed it, its output is STDOUT).
+    The process fields (sent with flag PROCESS when any is set): root, a directory to chroot into before cwd;
+    user, (uid, gid, (groups...)) or None to keep the agent's; rlimits, ((resource, soft, hard), ...);
+    size, the terminal's initial (rows, cols) or None.
     """
     __slots__ = ()
 
     TYPE = MsgType.EXEC
+
+    @property
+    def has_process_fields(self) -> bool:
+        return bool(self.root or self.user is not None or self.rlimits or self.size)
 
     def encode(self) -> bytes:
         if not self.argv:
@@ -199,12 +219,24 @@ class ExecRequest(namedtuple("ExecRequest", "argv cwd env timeout_ms output_cap 
         for item in self.env:
             if "=" not in item:
                 raise ProtocolError(f"EXEC env entry {item!r} is not K=V")
-        flags = ExecFlags.STDIN_FOLLOWS if self.stdin else 0
+        flags = (ExecFlags.STDIN_FOLLOWS if self.stdin else 0) | (ExecFlags.TTY if self.tty else 0)
+        flags |= ExecFlags.PROCESS if self.has_process_fields else 0
         head = _pack("EXEC", "<IIIHH", self.timeout_ms, self.output_cap, flags, len(self.argv), len(self.env))
         strings = [_cstr(self.cwd, "EXEC cwd")]
         strings += [_cstr(arg, "EXEC argv entry") for arg in self.argv]
         strings += [_cstr(item, "EXEC env entry") for item in self.env]
+        if flags & ExecFlags.PROCESS:
+            strings.append(self._process_fields())
         return head + b"".join(strings)
+
+    def _process_fields(self) -> bytes:
+        uid, gid, groups = self.user if self.user is not None else (KEEP_USER, KEEP_USER, ())
+        rows, cols = self.size or (0, 0)
+        out = [_cstr(self.root, "EXEC root"),
+               _pack("EXEC", "<IIHHHH", uid, gid, len(groups), len(self.rlimits), rows, cols)]
+        out += [_pack("EXEC group", "<I", group) for group in groups]
+        out += [_pack("EXEC rlimit", "<IQQ", *limit) for limit in self.rlimits]
+        return b"".join(out)
 
     @classmethod
     def decode(cls, payload: bytes) -> ExecRequest:
@@ -213,7 +245,16 @@ class ExecRequest(namedtuple("ExecRequest", "argv cwd env timeout_ms output_cap 
         cwd = reader.string("cwd")
         argv = tuple(reader.string(f"argv[{i}]") for i in range(argc))
         env = tuple(reader.string(f"env[{i}]") for i in range(envc))
-        return cls(argv, cwd, env, timeout_ms, output_cap, bool(flags & ExecFlags.STDIN_FOLLOWS))
+        fields = {}
+        if flags & ExecFlags.PROCESS:
+            root = reader.string("root")
+            uid, gid, ngroups, nrlimits, rows, cols = reader.unpack("<IIHHHH")
+            groups = tuple(reader.unpack("<I")[0] for _ in range(ngroups))
+            rlimits = tuple(reader.unpack("<IQQ") for _ in range(nrlimits))
+            fields = {"root": root, "user": None if uid == KEEP_USER else (uid, gid, groups), "rlimits": rlimits,
+                      "size": (rows, cols) if rows or cols else None}
+        return cls(argv, cwd, env, timeout_ms, output_cap, bool(flags & ExecFlags.STDIN_FOLLOWS),
+                   bool(flags & ExecFlags.TTY), **fields)
 
     def frame(self, id_: int) -> Frame:
         return Frame(self.TYPE, id_, self.encode())
@@ -230,6 +271,49 @@ class SignalRequest(namedtuple("SignalRequest", "signo")):
     @classmethod
     def decode(cls, payload: bytes) -> SignalRequest:
         return cls(*_Reader(payload, "SIGNAL").unpack("<I"))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+class ResizeRequest(namedtuple("ResizeRequest", "rows cols")):
+    """RESIZE (id = the exec id): the terminal size of an exec started with tty."""
+    __slots__ = ()
+
+    TYPE = MsgType.RESIZE
+
+    def encode(self) -> bytes:
+        return _pack("RESIZE", "<HH", self.rows, self.cols)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ResizeRequest:
+        return cls(*_Reader(payload, "RESIZE").unpack("<HH"))
+
+    def frame(self, id_: int) -> Frame:
+        return Frame(self.TYPE, id_, self.encode())
+
+
+class MountRequest(namedtuple("MountRequest", "source target fstype flags data mkdir",
+                              defaults=("", 0, "", True))):
+    """MOUNT: mount(2) source on target; flags are MS_* bits, data the fs options ("" = none)."""
+    __slots__ = ()
+
+    TYPE = MsgType.MOUNT
+
+    def encode(self) -> bytes:
+        if not self.target:
+            raise ProtocolError("MOUNT needs a target")
+        return (_pack("MOUNT", "<II", self.flags, MountFlags.MKDIR if self.mkdir else 0)
+                + b"".join(_cstr(value, f"MOUNT {name}") for name, value in
+                           (("source", self.source), ("target", self.target), ("fstype", self.fstype),
+                            ("data", self.data))))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> MountRequest:
+        reader = _Reader(payload, "MOUNT")
+        flags, options = reader.unpack("<II")
+        source, target, fstype, data = (reader.string(name) for name in ("source", "target", "fstype", "data"))
+        return cls(source, target, fstype, flags, data, bool(options & MountFlags.MKDIR))
 
     def frame(self, id_: int) -> Frame:
         return Frame(self.TYPE, id_, self.encode())
@@ -415,7 +499,8 @@ def set_hostname(id_: int, name: str) -> Frame:
     return Frame(MsgType.SET_HOSTNAME, id_, data)
 
 
-_DECODERS = {cls.TYPE: cls for cls in (ExecRequest, SignalRequest, WriteFileRequest, ReadFileRequest,
+_DECODERS = {cls.TYPE: cls for cls in (ExecRequest, SignalRequest, ResizeRequest, MountRequest, WriteFileRequest,
+                                       ReadFileRequest,
                                        SetClockRequest, ShutdownRequest, Ready, ErrorReply, Started, ExitStatus)}
 
 

@@ -1,10 +1,11 @@
-/* pclite-agent: requests answered at once (files, clock, entropy, hostname, shutdown). */
+/* pclite-agent: requests answered at once (files, clock, entropy, hostname, shutdown, mount). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/random.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -14,6 +15,7 @@
 
 #define WF_APPEND 1u
 #define WF_MKDIRS 2u
+#define MOUNT_MKDIR 1u
 
 /* mkdir -p of every parent directory of path. Returns 0, or -1 with errno set and the failing prefix in failed. */
 static int make_parents(const char *path, char *failed, size_t failed_size) {
@@ -154,11 +156,15 @@ void req_reseed(uint32_t id, const uint8_t *p, size_t len) {
     int err = 0;
     if (fd < 0 || ioctl(fd, RNDADDENTROPY, info) < 0)
         err = errno;
+    /* Credited entropy alone reseeds the CRNG only at its next interval (up to a minute): VM clones restored from
+     * one snapshot would read identical /dev/urandom until then. Reseed now (ENODATA: the CRNG is not ready). */
+    else if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA)
+        err = errno;
     if (fd >= 0)
         close(fd);
     free(info);
     if (err)
-        send_error(id, err, "RNDADDENTROPY on /dev/urandom: %s", strerror(err));
+        send_error(id, err, "RNDADDENTROPY/RNDRESEEDCRNG on /dev/urandom: %s", strerror(err));
     else
         send_ok(id);
 }
@@ -184,4 +190,33 @@ void req_shutdown(uint32_t id, const uint8_t *p, size_t len) {
     /* No ACPI in a pclite microVM: a reset is its power switch, and the VMM stops on it, for both values of how. */
     reboot(RB_AUTOBOOT);
     send_error(id, errno, "reboot: %s", strerror(errno));
+}
+
+/* MOUNT: <II flags (MS_*), options>; source\0 target\0 fstype\0 data\0. Empty fstype/data pass NULL (bind mounts,
+ * remounts). Option MKDIR creates the target and its parents first. */
+void req_mount(uint32_t id, const uint8_t *p, size_t len) {
+    struct cursor c = {p, len, 8};
+    const char *source = len >= 8 ? take_str(&c) : NULL;
+    const char *target = source ? take_str(&c) : NULL;
+    const char *fstype = target ? take_str(&c) : NULL;
+    const char *data = fstype ? take_str(&c) : NULL;
+    if (!data || !*target) {
+        send_error(id, EINVAL, "MOUNT: payload needs <II flags, options> then source, a non-empty target, fstype "
+                               "and data, each NUL-terminated");
+        return;
+    }
+    uint32_t flags = get_u32(p), options = get_u32(p + 4);
+    if (options & MOUNT_MKDIR) {
+        char dir[4096];
+        if (make_parents(target, dir, sizeof dir) < 0 || (mkdir(target, 0755) < 0 && errno != EEXIST)) {
+            send_error(id, errno, "mkdir %s: %s", errno == ENAMETOOLONG ? target : dir, strerror(errno));
+            return;
+        }
+    }
+    if (mount(*source ? source : "none", target, *fstype ? fstype : NULL, flags, *data ? data : NULL) < 0) {
+        send_error(id, errno, "mount %s (%s, flags %#x) on %s: %s", *source ? source : "none",
+                   *fstype ? fstype : "no type", flags, target, strerror(errno));
+        return;
+    }
+    send_ok(id);
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import selectors
 import shlex
@@ -18,7 +20,7 @@ from guestboot.cache import cache_root
 from guestboot.lab.assets import lab_assets
 
 # Environment passed into the lab: the rest of the host's environment means nothing inside.
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CI", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CI", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH")
 PASSED_PREFIXES = ("PCLITE_",)
 
 
@@ -87,7 +89,7 @@ def run_in_lab(request: LabRequest, out=None) -> int:
         path.mkdir(parents=True, exist_ok=True)
         if not any(path == p or path.is_relative_to(p) for _, p in shares):
             shares.append((f"share{index}", path))
-    with tempfile.TemporaryDirectory(prefix="pclite-lab-") as tmp:
+    with _one_lab_at_a_time(), tempfile.TemporaryDirectory(prefix="pclite-lab-") as tmp:
         results = Path(tmp)
         (results / "cmd.sh").write_text(_command_script(request, results))
         (results / "lab.env").write_text(
@@ -102,6 +104,28 @@ def run_in_lab(request: LabRequest, out=None) -> int:
             raise LabError(f"the lab VM stopped after {time.monotonic() - started:.0f}s before the command finished; "
                            f"its last console lines:\n{last}")
         return int(exit_file.read_text().strip() or "1")
+
+
+@contextlib.contextmanager
+def _one_lab_at_a_time():
+    """Two labs on one host starve each other's emulated CPUs (timings swing several-fold, lab kernels have
+    locked up): a second lab waits for the first."""
+    lock_path = cache_root() / "lab" / "session.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            print(f"pclite-lab: another lab session is running ({holder}); waiting for it to finish",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}")
+        lock.flush()
+        yield
 
 
 def _die_with_parent() -> None:

@@ -117,3 +117,19 @@ class Serial:
         with self._lock:
             self.rx.extend(data)
             self._update_irq()
+
+    # ---- snapshot (hypervisor/snapshot.py): the registers and unread input; the output tail is not VM state
+
+    _STATE = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr", "thre_pending")
+
+    def save_state(self) -> dict:
+        with self._lock:
+            state = {name: getattr(self, name) for name in self._STATE}
+            state["rx_hex"] = bytes(self.rx).hex()
+            return state
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            for name in self._STATE:
+                setattr(self, name, state[name])
+            self.rx = deque(bytes.fromhex(state["rx_hex"]))

@@ -7,7 +7,6 @@ request at all (no header or no status byte) is a broken driver and marks the de
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 
@@ -70,14 +69,22 @@ class BlockDevice(VirtioDevice):
         writes to a now read-only file fail with IOERR.
         """
         fd, capacity = _open_backing(path, read_only)
-        # Under the transport lock no request is half-way through the old file descriptor.
-        lock = self.transport.lock if self.transport is not None else contextlib.nullcontext()
-        with lock:
-            old, self._fd = self._fd, fd
-            self.path, self.read_only, self.capacity = os.fspath(path), read_only, capacity
-        os.close(old)
+        # Under the transport lock no request is half-way through the old file descriptor. (No contextlib
+        # nullcontext for the unattached case: this module is on the VMM's start-up path.)
+        if self.transport is not None:
+            with self.transport.lock:
+                old = self._replace_backing(fd, path, read_only, capacity)
+        else:
+            old = self._replace_backing(fd, path, read_only, capacity)
+        if old >= 0:
+            os.close(old)
         if self.transport is not None:
             self.transport.config_changed()
+
+    def _replace_backing(self, fd: int, path, read_only: bool, capacity: int) -> int:
+        old, self._fd = self._fd, fd
+        self.path, self.read_only, self.capacity = os.fspath(path), read_only, capacity
+        return old
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -94,6 +94,17 @@ class ConsoleDevice(VirtioDevice):
             except Exception:  # a backend bug must not take down the vCPU thread
                 log.exception("virtio console: on_output callback failed")
 
+    def save_state(self) -> dict:
+        state = super().save_state()
+        with self._pending_lock:
+            state["pending_hex"] = bytes(self._pending).hex()  # host -> guest bytes the guest has not taken yet
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        with self._pending_lock:
+            self._pending = bytearray.fromhex(state["pending_hex"])
+
     def reset(self) -> None:
         # Pending input survives a reset on purpose: Linux resets the device when its driver probes, and the
         # host may have pushed bytes before that; they belong to the channel, not to one driver instance.

@@ -68,3 +68,10 @@ class VirtioDevice:
 
     def reset(self) -> None:
         self.acked_features = 0
+
+    def save_state(self) -> dict:
+        """Device-model state for a snapshot (the transport saves queues and status); subclasses extend it."""
+        return {"acked_features": self.acked_features}
+
+    def load_state(self, state: dict) -> None:
+        self.acked_features = state["acked_features"]

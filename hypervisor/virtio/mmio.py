@@ -157,6 +157,29 @@ class MmioTransport:
             if self.status & DRIVER_OK:
                 self._interrupt(INT_CONFIG_CHANGE)
 
+    # -- snapshot (hypervisor/snapshot.py) --------------------------------------------------------------------
+
+    _STATE = ("status", "device_features_sel", "driver_features_sel", "driver_features", "queue_sel",
+              "interrupt_status", "broken", "config_generation")
+
+    def save_state(self) -> dict:
+        with self.lock:
+            state = {name: getattr(self, name) for name in self._STATE}
+            state["queues"] = [queue.save_state() for queue in self.queues]
+            state["device"] = self.device.save_state()
+            return state
+
+    def load_state(self, state: dict) -> None:
+        with self.lock:
+            if len(state["queues"]) != len(self.queues):
+                raise ValueError(f"virtio {self.name}: the snapshot has {len(state['queues'])} queues, this device "
+                                 f"has {len(self.queues)}")
+            for name in self._STATE:
+                setattr(self, name, state[name])
+            for queue, saved in zip(self.queues, state["queues"], strict=True):
+                queue.load_state(saved)
+            self.device.load_state(state["device"])
+
     # -- register window --------------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

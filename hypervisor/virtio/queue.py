@@ -101,6 +101,17 @@ class Virtqueue:
         self.used_idx = 0     # our copy of used->idx, the guest may not change it
         self._signalled = 0   # used_idx when we last decided about an interrupt
 
+    _STATE = ("size", "ready", "desc_addr", "avail_addr", "used_addr", "event_idx", "last_avail", "used_idx",
+              "_signalled")
+
+    def save_state(self) -> dict:
+        """Ring addresses and our indices (the rings themselves live in guest RAM), for snapshots."""
+        return {name.lstrip("_"): getattr(self, name) for name in self._STATE}
+
+    def load_state(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name.lstrip("_")])
+
     def validate(self) -> None:
         """Checked when the driver sets QueueReady, so later accesses only fail if the guest lies mid-flight."""
         if not 0 < self.size <= self.max_size or self.size & (self.size - 1):

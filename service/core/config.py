@@ -51,9 +51,7 @@ class Settings(BaseSettings):
     degrade_after_failures: int = Field(2, ge=1)
     terminal_retention_s: float = Field(86400.0, ge=0)  # stopped/failed VM rows and their logs
     vmm_detach: bool = True  # VMMs outlive a pclited restart and are adopted; False: they die with it
-    # Fork VMMs from a pre-imported server (no interpreter start per VM). Off by default until it has passed the
-    # whole lab suite: with it on, one full guest run stalled after the CLI end-to-end test (not yet understood).
-    vmm_forkserver: bool = False
+    vmm_forkserver: bool = True  # fork VMMs from a pre-imported server (no interpreter start per VM)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -11,6 +11,7 @@ from service.metrics import Metrics
 from service.services.flavors import FlavorService
 from service.services.inventory import Inventory
 from service.services.pool import PoolManager
+from service.services.rootfs import RootfsService
 from service.services.supervisor import Supervisor
 from service.services.vmm import Launcher
 from service.services.vms import VmService
@@ -29,6 +30,7 @@ class Runtime:
         self.pool = PoolManager(self)
         self.supervisor = Supervisor(self)
         self.vms = VmService(self)
+        self.rootfs = RootfsService(self)
         self.ready = False
         self._tasks: list[asyncio.Task] = []
 

@@ -375,6 +375,9 @@ class Launcher:
     def cleanup(self, vm: VM) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.api_socket)
+        # A container's rootfs image (services/rootfs.py) is as large as its rootfs: it goes with the VM.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(vm.console_path).parent / "rootfs.ext4")
 
     def client(self, vm: VM, timeout: float = 10.0):
         return client_module().VmmClient(vm.api_socket, timeout=timeout)

@@ -8,7 +8,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 failed = []
-for name in ("boot_peers", "boot", "agent", "claim"):
+for name in ("boot_peers", "boot", "agent", "claim", "clone", "containers"):
     try:
         runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
     except SystemExit as exc:  # a bench that ends with sys.exit(code) must not end the others

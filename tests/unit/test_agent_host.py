@@ -232,7 +232,7 @@ def test_malformed_requests_get_einval_and_the_agent_carries_on(agent, tmp_path)
     for id_, (type_, payload) in enumerate(malformed, start=1):
         reply = agent.error(p.Frame(type_, id_, payload))
         assert reply.errno == errno.EINVAL, (type_, payload, reply)
-    random_junk = [p.Frame(t, 5000 + i, os.urandom(i * 7)) for i, t in enumerate([0, 11, 0x80, 0x87, 0xFFFF] * 4)]
+    random_junk = [p.Frame(t, 5000 + i, os.urandom(i * 7)) for i, t in enumerate([0, 99, 0x80, 0x87, 0xFFFF] * 4)]
     agent.send(*random_junk)
     for frame in random_junk:
         assert p.decode_payload(agent.recv(frame.id)).errno == errno.ENOSYS

@@ -2,11 +2,23 @@
 
 import asyncio
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse
+from pydantic import ValidationError
 
 from service.api.deps import V1, RuntimeDep
-from service.schemas import ClaimOut, ClaimRequest, EventOut, ExecOut, ExecRequest, VMOut, VMState
+from service.schemas import (
+    ClaimOut,
+    ClaimRequest,
+    EventOut,
+    ExecOut,
+    ExecRequest,
+    RootfsOut,
+    RootfsRequest,
+    VMOut,
+    VMState,
+)
+from service.services.errors import Invalid
 from service.services.vms import MAX_CONSOLE_TAIL
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"], dependencies=V1)
@@ -52,3 +64,27 @@ async def console(vm_id: str, rt: RuntimeDep, tail: int = Query(65536, ge=1, le=
 @router.get("/{vm_id}/events", response_model=list[EventOut])
 async def events(vm_id: str, rt: RuntimeDep):
     return await asyncio.to_thread(rt.vms.events, vm_id)
+
+
+TAR_TYPES = ("application/x-tar", "application/octet-stream")
+
+
+@router.post("/{vm_id}/rootfs", response_model=RootfsOut,
+             openapi_extra={"requestBody": {"content": {
+                 "application/json": {"schema": RootfsRequest.model_json_schema()},
+                 "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
+async def attach_rootfs(vm_id: str, request: Request, rt: RuntimeDep, read_only: bool = False,
+                        size_mib: int | None = Query(None, ge=1, le=1 << 20)):
+    """A container's rootfs into a claimed VM: an ext4 image of it becomes the VM's disk, mounted at /rootfs."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in TAR_TYPES:
+        return await rt.rootfs.attach_tar(vm_id, request.stream(), read_only, size_mib)
+    if content_type != "application/json":
+        raise Invalid(f"Content-Type {content_type or '(none)'} is neither application/json ({{\"path\": DIR}}) nor "
+                      "application/x-tar (a tar stream of the rootfs)")
+    try:
+        spec = RootfsRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise Invalid(f"bad rootfs request: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}: send "
+                      "{\"path\": \"/abs/dir\", \"read_only\": false}") from None
+    return await rt.rootfs.attach_path(vm_id, spec.path, spec.read_only, spec.size_mib)

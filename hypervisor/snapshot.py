@@ -1,0 +1,327 @@
+"""Snapshots: a paused VM's full state in a directory, so `restore` (hypervisor/restore.py) can clone it.
+
+  DIR/memory      guest RAM, the regions back to back; a plain sparse file that clones map MAP_PRIVATE
+  DIR/state.json  {"format", "version", "sha256", "state"}: sha256 is over the bytes of "state" as written
+
+"state" holds the host identity (a snapshot only restores where the same CPUID and XSAVE layout exist), the
+machine config, every vCPU (ctypes ABI structs as hex, CPUID, MSRs), the VM-wide KVM state (PIC, IOAPIC, PIT,
+kvmclock), every device that has save_state(), the agent's version and the memory layout. The memory file is
+never rewritten in place (written aside, then renamed): clones map it, and a MAP_PRIVATE mapping still sees
+changes the file takes in pages the clone has not copied yet.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+
+from hypervisor import kvm_structs as K
+
+try:
+    from _sha256 import sha256 as _sha256  # the builtin: hashlib (OpenSSL) is a slow import on the restore path
+except ImportError:  # Python 3.12+ names it _sha2
+    from hashlib import sha256 as _sha256
+
+FORMAT = "pclite-snapshot"
+VERSION = 1
+STATE_FILE = "state.json"
+MEMORY_FILE = "memory"
+PAGE = 4096
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+HYPERV_MSRS = range(0x40000000, 0x40000100)  # no Hyper-V CPUID is offered: nothing of the guest's lives there
+MTRR_MSRS = (0x2FF, *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270))  # not in KVM's index list
+IRQCHIPS = (("pic_master", K.KVM_IRQCHIP_PIC_MASTER), ("pic_slave", K.KVM_IRQCHIP_PIC_SLAVE),
+            ("ioapic", K.KVM_IRQCHIP_IOAPIC))
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be taken or used; the message says what to do instead."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return _sha256(data).hexdigest()
+
+
+def state_document(state: dict, version: int = VERSION) -> bytes:
+    """state.json's bytes: the header, then "state" last, so its checksum covers bytes found without re-encoding."""
+    body = json.dumps(state, separators=(",", ":")).encode()
+    head = json.dumps({"format": FORMAT, "version": version, "sha256": sha256_hex(body)}, separators=(",", ":"))
+    return head.encode()[:-1] + STATE_KEY + body + b"}"
+
+
+STATE_KEY = b',"state":'
+
+
+# ---- host identity
+
+def host_identity(kvm, vcpus: int) -> dict:
+    """What must match between the host that took a snapshot and the one restoring it.
+
+    The CPUID is hashed after normalisation (for `vcpus` vCPUs): KVM reports leaf 1 with the APIC id of the host
+    CPU the ioctl happened to run on, which must not make two runs on one host look different.
+    """
+    from hypervisor.cpuid import normalize_cpuid
+    tsc_deadline = bool(kvm.check_extension(K.KVM_CAP_TSC_DEADLINE_TIMER))
+    rows = [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for index in range(vcpus)
+            for e in normalize_cpuid(kvm.supported_cpuid(), index, vcpus, tsc_deadline=tsc_deadline)]
+    return {"cpuid_sha256": sha256_hex(repr(rows).encode()),
+            "xsave_size": max(kvm.check_extension(K.KVM_CAP_XSAVE2), 0) or K.XSAVE_LEGACY_SIZE,
+            "kvm_api": kvm.api_version()}
+
+
+def check_host(saved: dict, current: dict, where: str) -> None:
+    for key, what in (("kvm_api", "KVM API version"), ("xsave_size", "XSAVE area size"),
+                      ("cpuid_sha256", "CPU features (CPUID)")):
+        if saved.get(key) != current.get(key):
+            raise SnapshotError(f"snapshot {where} was taken on a host with a different {what} "
+                                f"({saved.get(key)} here {current.get(key)}): restore it on the host that took it, "
+                                f"or take a new snapshot on this one")
+
+
+# ---- MSRs (partial reads/writes: KVM stops at the first MSR it refuses and returns how many it did)
+
+def msrs_to_save(kvm) -> list[int]:
+    listed = [index for index in kvm.msr_index_list() if index not in HYPERV_MSRS]
+    indices = list(dict.fromkeys(listed + list(MTRR_MSRS)))
+    # Restore order: the TSC first (kvmclock and the TSC_ADJUST logic are relative to it), the TSC deadline last
+    # (KVM ignores it unless the LAPIC, restored before the MSRs, is already in TSC-deadline mode).
+    indices.sort(key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE))
+    return indices
+
+
+def msr_transfer(vcpu, request: int, pairs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
+    """KVM_GET_MSRS/KVM_SET_MSRS over `pairs`, skipping MSRs KVM refuses: (pairs done, indices refused)."""
+    done, refused = [], []
+    while pairs:
+        buf = K.make_kvm_msrs(len(pairs))
+        for entry, (index, value) in zip(buf.entries, pairs, strict=True):
+            entry.index, entry.data = index, value
+        count = vcpu.ioctl(request, buf)
+        done += [(buf.entries[i].index, buf.entries[i].data) for i in range(count)]
+        if count < len(pairs):
+            refused.append(pairs[count][0])
+        pairs = pairs[count + 1:]
+    return done, refused
+
+
+# ---- capture
+
+def _hex(struct) -> str:
+    return bytes(struct).hex()
+
+
+def save_vcpu(vcpu, msr_indices: list[int], has_xcrs: bool) -> dict:
+    # MP state first: reading it makes KVM process pending INIT/SIPI; vCPU events last (the order Firecracker
+    # and QEMU use).
+    state = {"mp_state": vcpu.get_mp_state(), "regs": _hex(vcpu.get_regs()), "sregs": _hex(vcpu.get_sregs()),
+             "xsave": vcpu.get_xsave().hex()}
+    if has_xcrs:
+        state["xcrs"] = _hex(vcpu.get_xcrs())
+    state["debugregs"] = _hex(vcpu.get_debugregs())
+    state["lapic"] = _hex(vcpu.get_lapic())
+    state["cpuid"] = [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in vcpu.get_cpuid2()]
+    state["msrs"], _ = msr_transfer(vcpu, K.KVM_GET_MSRS, [(index, 0) for index in msr_indices])
+    state["events"] = _hex(vcpu.get_vcpu_events())
+    return state
+
+
+def save_vm(vm) -> dict:
+    clock = vm.get_clock()
+    state = {name: _hex(vm.get_irqchip(chip)) for name, chip in IRQCHIPS}
+    state["pit2"] = _hex(vm.get_pit2())
+    state["clock_ns"] = clock.clock
+    return state
+
+
+def device_key(bus, base: int, device) -> str:
+    return f"{bus.name}@{base:#x}:{getattr(device, 'name', None) or type(device).__name__}"
+
+
+def stateful_devices(machine) -> dict:
+    """{stable key: device} for every device on the machine's buses that has save_state()."""
+    return {device_key(bus, base, device): device
+            for bus in (machine.pio_bus, machine.mmio_bus)
+            for base, _, device in bus.devices() if hasattr(device, "save_state")}
+
+
+def saved_config(config) -> dict:
+    """The MachineConfig's plain fields (callables such as the console sink are the new process's business)."""
+    plain = (str, int, float, bool, type(None))
+    return {key: value for key, value in vars(config).items()
+            if isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, str) for v in value))}
+
+
+def check_snapshottable(machine, agent) -> None:
+    if agent is not None and agent.busy:
+        raise SnapshotError("an agent request (exec, file transfer...) is in flight: snapshot when the guest agent "
+                            "is idle, or the clones would resume in the middle of it")
+    disk = getattr(machine, "rootfs", None)
+    path = getattr(disk, "path", None)
+    if disk is not None and not getattr(disk, "read_only", True) and path not in (None, os.devnull):
+        raise SnapshotError(f"the VM has a writable disk attached ({path}): every clone would write to the same "
+                            f"file; attach it read-only (or after cloning) and snapshot again")
+
+
+def capture(machine, agent) -> dict:
+    """The state of a paused machine (everything but RAM)."""
+    kvm = machine.kvm
+    msr_indices = msrs_to_save(kvm)
+    has_xcrs = bool(kvm.check_extension(K.KVM_CAP_XCRS))
+    vcpus = [save_vcpu(thread.vcpu, msr_indices, has_xcrs) for thread in machine.threads]
+    config = saved_config(machine.config)
+    disk = getattr(machine, "rootfs", None)
+    if disk is not None and "rootfs" in config:  # what it is now: an image may have been swapped in at run time
+        config["rootfs"] = None if disk.path == os.devnull else disk.path
+        config["rootfs_read_only"] = bool(disk.read_only)
+    return {"host": host_identity(kvm, machine.config.vcpus), "config": config,
+            "vcpus": vcpus, "vm": save_vm(machine.vm),
+            "devices": {key: device.save_state() for key, device in stateful_devices(machine).items()},
+            "agent": {"version": agent.version if agent is not None else None},
+            "created_unix": time.time(), "template_pid": os.getpid()}
+
+
+# ---- guest RAM
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+ZERO_CHUNK = 64 << 10
+_ZEROS = ctypes.create_string_buffer(ZERO_CHUNK)
+_HAS_PAGE = bytes(int(bool(i & 0xC0)) for i in range(256))  # pagemap's top byte: bit 7 present, bit 6 swapped
+
+
+def _runs(flags: bytes, unit: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of 1s in flags, one flag per `unit` bytes."""
+    runs, start = [], flags.find(1)
+    while start >= 0:
+        end = flags.find(0, start)
+        end = len(flags) if end < 0 else end
+        runs.append((start * unit, min(end * unit, size) - start * unit))
+        start = flags.find(1, end)
+    return runs
+
+
+def populated_runs(address: int, size: int) -> list[tuple[int, int]]:
+    """Runs of anonymous memory that hold pages, in RAM or swapped out (/proc/self/pagemap); the rest was never
+    touched and reads as zero. One run if pagemap is unreadable."""
+    pages = (size + PAGE - 1) // PAGE
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(address // PAGE * 8)
+            raw = pagemap.read(pages * 8)
+    except OSError:
+        return [(0, size)]
+    if len(raw) != pages * 8:
+        return [(0, size)]
+    return _runs(raw[7::8].translate(_HAS_PAGE), PAGE, size)
+
+
+def data_runs(address: int, size: int, anonymous: bool) -> list[tuple[int, int]]:
+    """The runs of [address, address+size) worth writing: populated (anonymous memory; file-backed memory, a clone's,
+    may hold data anywhere), minus all-zero ZERO_CHUNKs, which stay holes in the file."""
+    runs = []
+    for start, length in populated_runs(address, size) if anonymous else [(0, size)]:
+        chunk = start
+        while chunk < start + length:
+            n = min(ZERO_CHUNK - chunk % ZERO_CHUNK, start + length - chunk)
+            if _libc.memcmp(address + chunk, _ZEROS, n) != 0:
+                if runs and runs[-1][0] + runs[-1][1] == chunk:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n)
+                else:
+                    runs.append((chunk, n))
+            chunk += n
+    return runs
+
+
+def write_memory(memory, path: str) -> tuple[list[list[int]], int]:
+    """Guest RAM to `path` (regions back to back, zero ranges as holes); ([[gpa, size, offset]], bytes written)."""
+    from hypervisor.kvm import buffer_address
+    layout, offset, written = [], 0, 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for gpa, size, mapping in memory.regions:
+            view = memoryview(mapping)
+            try:
+                anonymous = not getattr(memory, "file_backed", False)
+                for start, length in data_runs(buffer_address(mapping), size, anonymous):
+                    done = 0
+                    while done < length:
+                        done += os.pwrite(fd, view[start + done:start + length], offset + start + done)
+                    written += length
+            finally:
+                view.release()
+            layout.append([gpa, size, offset])
+            offset += size
+        os.ftruncate(fd, offset)
+    finally:
+        os.close(fd)
+    return layout, written
+
+
+# ---- the whole thing
+
+def take_snapshot(machine, agent, out_dir: str, resume: bool = True) -> dict:
+    """Pause the machine, write `out_dir`, resume it if `resume`. Returns a summary for the API."""
+    check_snapshottable(machine, agent)
+    was_paused = machine.pause_requested
+    started = time.monotonic()
+    if not was_paused and not machine.pause():
+        machine.resume()
+        raise SnapshotError("the vCPUs did not pause within 5 s; try again")
+    try:
+        check_snapshottable(machine, agent)  # again: a request may have started before the pause
+        os.makedirs(out_dir, exist_ok=True)
+        state = capture(machine, agent)
+        memory_path = os.path.join(out_dir, MEMORY_FILE)
+        # Written aside and renamed: clones of an older snapshot in this directory keep their own (unlinked) file.
+        layout, written = write_memory(machine.memory, memory_path + ".new")
+        state["memory"] = {"file": MEMORY_FILE, "bytes": machine.memory.size, "regions": layout}
+        state_path = os.path.join(out_dir, STATE_FILE)
+        with open(state_path + ".new", "wb") as out:
+            out.write(state_document(state))
+        os.replace(memory_path + ".new", memory_path)
+        os.replace(state_path + ".new", state_path)  # last: a directory without state.json is no snapshot
+    finally:
+        paused_ms = round((time.monotonic() - started) * 1000, 3)
+        if resume and not machine.stopping:
+            machine.resume()
+    return {"dir": os.path.abspath(out_dir), "memory_bytes": machine.memory.size, "memory_written": written,
+            "paused_ms": paused_ms, "resumed": bool(resume)}
+
+
+def load_snapshot(snapshot_dir: str) -> dict:
+    """The verified state of `snapshot_dir` (format, version, checksum, memory file); SnapshotError otherwise."""
+    state_path = os.path.join(snapshot_dir, STATE_FILE)
+    try:
+        with open(state_path, "rb") as f:
+            raw = f.read().rstrip()
+        document = json.loads(raw)
+    except FileNotFoundError:
+        raise SnapshotError(f"{snapshot_dir} is not a snapshot (no {STATE_FILE}): take one with `python -m "
+                            f"hypervisor snapshot --api-sock PATH --out {snapshot_dir}`") from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{state_path} cannot be read ({exc}): the snapshot is corrupted; take a new one") \
+            from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SnapshotError(f"{state_path} is not a pclite snapshot: take one with `python -m hypervisor snapshot`")
+    if document.get("version") != VERSION:
+        raise SnapshotError(f"snapshot {snapshot_dir} has format version {document.get('version')}, this pclite "
+                            f"reads version {VERSION}: take a new snapshot with this pclite")
+    state, start = document.get("state"), raw.find(STATE_KEY)
+    if not isinstance(state, dict) or start < 0 or sha256_hex(raw[start + len(STATE_KEY):-1]) != document.get("sha256"):
+        raise SnapshotError(f"snapshot {snapshot_dir} is corrupted (its state does not match its sha256 "
+                            f"checksum): take a new snapshot")
+    memory_path = os.path.join(snapshot_dir, state["memory"]["file"])
+    expected = sum(size for _, size, _ in state["memory"]["regions"])
+    try:
+        actual = os.stat(memory_path).st_size
+    except OSError as exc:
+        raise SnapshotError(f"snapshot memory {memory_path} is missing ({exc.strerror}): take a new snapshot") \
+            from None
+    if actual != expected:
+        raise SnapshotError(f"snapshot memory {memory_path} is {actual} bytes, the snapshot needs {expected}: the "
+                            f"file was truncated or replaced; take a new snapshot")
+    return state

@@ -1,0 +1,414 @@
+"""The runtime's commands. Each either finishes its job or raises RuntimeFailure with the one line to show, having
+undone what it started (a claimed VM is released, a half-made state directory removed)."""
+
+from __future__ import annotations
+
+import _signal
+import errno
+import os
+import time
+
+from service.runtime import oci
+from service.runtime.main import (
+    FLAVOR_ANNOTATION,
+    START_TIMEOUT_S,
+    Usage,
+    container_of,
+    now_iso,
+    one,
+    print_json,
+    signal_number,
+)
+from service.runtime.state import Container, Log, RuntimeFailure, alive, remove_tree, start_time, write_atomic
+from service.runtime.wire import Pclited, Unreachable, Vmm, WireError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from service.runtime.standin import Relay
+
+# ---- create / start
+
+def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    bundle = os.path.abspath(one(opts, "bundle", "b") or os.getcwd())
+    try:
+        config = oci.load_json(os.path.join(bundle, "config.json"), "the bundle's config")
+        rootfs = oci.rootfs_path(bundle, config)
+        process = oci.guest_process(config.get("process") or {})
+        mounts, skipped = oci.guest_mounts(config)
+    except oci.SpecError as exc:
+        raise RuntimeFailure(f"create {c.id}: {exc}") from None
+    console = one(opts, "console-socket")
+    if process.get("tty") and not console:
+        raise Usage("process.terminal is true: a terminal needs --console-socket")
+    annotations = config.get("annotations") or {}
+    try:
+        os.makedirs(c.dir, 0o711)
+    except FileExistsError:
+        raise RuntimeFailure(f"container {c.id} already exists: delete it first, or pick another id") from None
+    pclited, vm = Pclited(), None
+    steps = Steps()
+    try:
+        vm = pclited.claim(annotations.get(FLAVOR_ANNOTATION) or "default")
+        steps.done("claim")
+        state = {"id": c.id, "bundle": bundle, "rootfs": rootfs, "created": now_iso(), "annotations": annotations,
+                 "vm_id": vm["id"], "api_socket": vm["api_socket"], "server": pclited.server, "log": log.path,
+                 "log_format": log.fmt}
+        c.save(state)  # from here on `delete --force` can release the VM, whatever happens to this process
+        attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")))
+        attached = attached or {}
+        steps.done("rootfs", f"mke2fs {attached.get('build_ms', 0):.0f} ms, swap and mount "
+                             f"{attached.get('attach_ms', 0):.0f} ms")
+        vmm = Vmm(vm["api_socket"])
+        if mounts:
+            vmm.mounts(mounts)
+        if config.get("hostname"):
+            vmm.set_hostname(config["hostname"])
+        steps.done("mounts")
+        for why in skipped:
+            log.warning(f"container {c.id}: mount skipped: {why}")
+        os.mkfifo(c.path("exec.fifo"), 0o600)
+        pid = _spawn(c, log, console, process.get("size"), lambda: _init_standin(c, vmm, process, log))
+        state.update(pid=pid, start_time=start_time(pid))
+        c.save(state)
+        steps.done("stand-in")
+    except (WireError, OSError, RuntimeFailure) as exc:
+        _undo_create(c, pclited, vm, log)
+        hint = " (pick an existing flavor with the pclite.flavor annotation: `pclitectl get flavors`)" \
+            if isinstance(exc, WireError) and exc.status == 404 and vm is None else ""
+        raise RuntimeFailure(f"create {c.id}: {exc}{hint}") from None
+    _write_pid_file(opts, pid)
+    log.info(f"create {c.id}: VM {vm['id']} ready in {steps}")
+    return 0
+
+
+class Steps:
+    """Durations of a command's steps, for its info line in the log."""
+
+    def __init__(self):
+        self.last = self.first = time.monotonic()
+        self.parts: list[str] = []
+
+    def done(self, what: str, detail: str = "") -> None:
+        now = time.monotonic()
+        self.parts.append(f"{what} {(now - self.last) * 1000:.0f} ms" + (f" ({detail})" if detail else ""))
+        self.last = now
+
+    def __str__(self) -> str:
+        return f"{(self.last - self.first) * 1000:.0f} ms: " + ", ".join(self.parts)
+
+
+def _undo_create(c: Container, pclited: Pclited, vm: dict | None, log: Log) -> None:
+    if vm is not None:
+        try:
+            pclited.release(vm["id"])
+        except WireError as exc:
+            log.warning(f"container {c.id}: could not release VM {vm['id']} ({exc}): delete it with "
+                        f"`pclitectl delete vm {vm['id']}`")
+    remove_tree(c.dir)
+
+
+def _init_standin(c: Container, vmm: Vmm, process: dict, log: Log) -> None:
+    """The init stand-in, after the fork: wait for `start`, then run the container's process and mirror it."""
+    from service.runtime import standin
+    fd = os.open(c.path("exec.fifo"), os.O_RDONLY | os.O_CLOEXEC)  # blocks until `start` opens it
+    go = os.read(fd, 1)
+    os.close(fd)
+    if not go:
+        os._exit(standin.LOST_VM_EXIT)
+    relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
+    try:
+        relay.start()
+    except WireError as exc:
+        write_atomic(c.path("init.error"), str(exc))
+        os._exit(127)
+    write_atomic(c.path("init.json"), f'{{"exec_id": {relay.exec_id}, "guest_pid": {relay.guest_pid}}}')
+    _relay_and_exit(relay, log, c.id)
+
+
+def _relay_and_exit(relay: Relay, log: Log, cid: str, parent: int | None = None) -> None:
+    from service.runtime import standin
+    try:
+        result = relay.run()
+    except WireError as exc:
+        log.error(f"container {cid}: {exc}")
+        result = {"exit_code": standin.LOST_VM_EXIT}
+    if parent is not None:
+        standin.wait_parent_gone(parent)
+    standin.finish(result, log)
+
+
+def _spawn(c: Container, log: Log, console: str | None, size, body) -> int:
+    """Fork a stand-in running body(); returns its pid once it is set up (its own session, stdio in place)."""
+    from service.runtime import standin  # only the commands that start processes pay for its imports
+    master = slave = None
+    if console:
+        master, slave = os.openpty()
+        standin.make_raw(slave)
+        if size:
+            import fcntl
+            import struct
+            import termios
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the stand-in
+        try:
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # not KeyboardInterrupt: killed by it, as runc's would be
+            os.close(ready_r)
+            if master is not None:
+                os.close(master)
+                standin.take_terminal(slave)
+            else:
+                os.setsid()
+            os.write(ready_w, b"ready")
+            os.close(ready_w)
+            body()
+        except BaseException as exc:  # noqa: BLE001 - nothing may escape into the parent's code path
+            if not isinstance(exc, SystemExit):
+                log.error(f"container {c.id}: stand-in process failed: {type(exc).__name__}: {exc}")
+        os._exit(standin.LOST_VM_EXIT)
+    os.close(ready_w)
+    ack = os.read(ready_r, 16)
+    os.close(ready_r)
+    if slave is not None:
+        os.close(slave)
+    if ack != b"ready":
+        raise RuntimeFailure(f"the stand-in process for {c.id} died while starting: see the log")
+    if master is not None:
+        try:
+            _send_console(console, master)
+        finally:
+            os.close(master)
+    return pid
+
+
+def _send_console(path: str, master: int) -> None:
+    """Hand the terminal's master to the shim, as runc does: one message on --console-socket with SCM_RIGHTS."""
+    import socket
+    import struct
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", master))])
+
+
+def _write_pid_file(opts: dict, pid: int) -> None:
+    path = one(opts, "pid-file")
+    if path:
+        write_atomic(path, str(pid))
+
+
+def cmd_start(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    state = c.load_lean()
+    status = c.status(state)
+    if status != "created":
+        raise RuntimeFailure(f"cannot start container {c.id}: it is {status}, not created")
+    try:
+        fd = os.open(c.path("exec.fifo"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot start container {c.id}: its stand-in process is not waiting "
+                             f"({exc.strerror}): delete it and create it again") from None
+    os.write(fd, b"0")
+    os.close(fd)
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT_S
+    while not os.path.exists(c.path("init.json")):
+        if os.path.exists(c.path("init.error")):
+            with open(c.path("init.error")) as f:
+                raise RuntimeFailure(f"start {c.id}: {f.read().strip()}")
+        if not alive(state["pid"], state["start_time"]) or time.monotonic() > deadline:
+            raise RuntimeFailure(f"start {c.id}: the stand-in process ended before the guest process started "
+                                 f"(see the log{': ' + state['log'] if state.get('log') else ''})")
+        time.sleep(0.003)
+    log.info(f"start {c.id}: the guest process runs after {(time.monotonic() - started) * 1000:.0f} ms")
+    return 0
+
+
+# ---- inspecting and signalling
+
+def cmd_state(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    print_json(c.oci_state(c.load()))
+    return 0
+
+
+def cmd_ps(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    state = c.load()
+    pids = ([state["pid"]] if c.status(state) != "stopped" else []) + sorted(c.execs())
+    if (one(opts, "format", "f") or "table") == "json":
+        print_json(pids)
+    else:
+        print("PID\n" + "".join(f"{pid}\n" for pid in pids), end="")
+    return 0
+
+
+def cmd_kill(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    signo = signal_number(positional[1] if len(positional) > 1 else "TERM")
+    state = c.load()
+    status = c.status(state)
+    if status == "stopped":
+        raise RuntimeFailure(f"cannot kill container {c.id}: container not running")
+    if status == "created":  # the guest process does not exist yet: the stand-in itself is the process
+        os.kill(state["pid"], signo)
+        return 0
+    targets = [c.read_json("init.json")["exec_id"]]
+    if opts.get("all") or opts.get("a"):
+        targets += [record["exec_id"] for record in c.execs().values()]
+    vmm = Vmm(state["api_socket"])
+    for exec_id in targets:
+        try:
+            vmm.signal(exec_id, signo)
+        except WireError as exc:
+            if exc.status != 404:  # 404: that process has just exited
+                raise RuntimeFailure(f"kill {c.id}: {exc}") from None
+    return 0
+
+
+def cmd_pause(root: str, opts: dict, positional: list[str], log: Log, action: str = "pause") -> int:
+    c = container_of(root, positional)
+    state = c.load()
+    status = c.status(state)
+    if status not in (("running", "created") if action == "pause" else ("paused",)):
+        raise RuntimeFailure(f"cannot {action} container {c.id}: it is {status}")
+    try:
+        Vmm(state["api_socket"]).action(action)
+    except WireError as exc:
+        raise RuntimeFailure(f"{action} {c.id}: {exc}") from None
+    if action == "pause":
+        write_atomic(c.path("paused"), "")
+    else:
+        os.unlink(c.path("paused"))
+    return 0
+
+
+def cmd_resume(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    return cmd_pause(root, opts, positional, log, "resume")
+
+
+def cmd_update(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    c.load()
+    log.info(f"update {c.id}: resources come from the VM's flavor; the update is not applied")
+    return 0
+
+
+def cmd_features(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    print_json({"ociVersionMin": "1.0.0", "ociVersionMax": "1.1.0", "hooks": [],
+                "mountOptions": sorted(oci.MS_FLAGS), "linux": {
+                    "namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
+                    "seccomp": {"enabled": False}, "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
+                "annotations": {"io.github.pclite.runtime": "microvm", FLAVOR_ANNOTATION: "the VM flavor to claim"}})
+    return 0
+
+
+# ---- delete
+
+def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    force = bool(opts.get("force") or opts.get("f"))
+    if not c.exists():
+        if force:
+            remove_tree(c.dir)
+            return 0
+        raise RuntimeFailure(f"container {c.id} does not exist")
+    state = c.load_lean()
+    status = c.status(state)
+    if status != "stopped" and not force:
+        raise RuntimeFailure(f"cannot delete container {c.id} that is not stopped: {status}")
+    if force:
+        for pid, started in [(state.get("pid"), state.get("start_time"))] + \
+                [(pid, record.get("start_time")) for pid, record in c.execs().items()]:
+            if alive(pid, started):
+                try:  # noqa: SIM105 - contextlib costs start-up time
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+    started = time.monotonic()
+    try:
+        Pclited(state.get("server")).release(state["vm_id"])
+    except Unreachable as exc:
+        if not force:
+            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
+        log.warning(f"delete {c.id}: VM {state['vm_id']} is left to pclited: {exc}")
+    except WireError as exc:
+        if exc.status != 404:  # 404: pclited no longer knows it
+            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
+    remove_tree(c.dir)
+    log.info(f"delete {c.id}: VM {state['vm_id']} released in {(time.monotonic() - started) * 1000:.0f} ms")
+    return 0
+
+
+# ---- exec
+
+def cmd_exec(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    state = c.load()
+    status = c.status(state)
+    if status != "running":
+        raise RuntimeFailure(f"cannot exec in container {c.id}: it is {status}")
+    try:
+        if one(opts, "process", "p"):
+            process = oci.guest_process(oci.load_json(one(opts, "process", "p"), "the process spec"))
+        else:
+            env = [f"PATH={oci.DEFAULT_PATH}", *opts.get("env", []), *opts.get("e", [])]
+            process = oci.guest_process({"args": positional[1:], "env": env, "cwd": one(opts, "cwd") or "/",
+                                         "terminal": bool(opts.get("tty") or opts.get("t"))})
+    except oci.SpecError as exc:
+        raise RuntimeFailure(f"exec in {c.id}: {exc}") from None
+    console = one(opts, "console-socket")
+    if process.get("tty") and not console:
+        raise Usage("a terminal needs --console-socket (the shim's; pclite-runtime makes no terminal of its own)")
+    vmm = Vmm(state["api_socket"])
+    from service.runtime import standin
+    if not (opts.get("detach") or opts.get("d")):  # in the foreground: this process relays, then mirrors the exit
+        relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
+        try:
+            relay.start()
+        except WireError as exc:
+            raise RuntimeFailure(f"exec in {c.id}: {exc}") from None
+        _relay_and_exit(relay, log, c.id)
+    os.makedirs(c.path("execs"), exist_ok=True)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+
+    def body() -> None:
+        os.close(status_r)
+        relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
+        try:
+            relay.start()
+        except WireError as exc:
+            os.write(status_w, str(exc).encode()[:4000])
+            os._exit(127)
+        record = f'{{"exec_id": {relay.exec_id}, "guest_pid": {relay.guest_pid}, ' \
+                 f'"start_time": {start_time(os.getpid())}}}'
+        write_atomic(c.path(f"execs/{os.getpid()}.json"), record)
+        os.write(status_w, b"ok")
+        os.close(status_w)
+        _relay_and_exit(relay, log, c.id, parent)
+
+    pid = _spawn(c, log, console, process.get("size"), body)
+    os.close(status_w)
+    outcome = _read_all(status_r)
+    if outcome != b"ok":
+        raise RuntimeFailure(f"exec in {c.id}: {outcome.decode(errors='replace') or 'the stand-in died'}")
+    _write_pid_file(opts, pid)
+    return 0
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
