@@ -146,12 +146,26 @@ def _handle(conn: socket.socket, listener: socket.socket) -> int:
 
 
 def _preload_images(argv: list) -> None:
-    """Keep the kernel and initrd a request names in the server's memory: its children copy them from there."""
+    """Keep the kernel and initrd a request names in the server's memory: its children copy them from there.
+    Same for a snapshot to restore: its state verified and parsed, and this host's identity to check it against."""
     from hypervisor.image_file import preload
     for flag in ("--kernel", "--initrd"):
         if flag in argv[:-1]:
             with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
                 preload(str(argv[argv.index(flag) + 1]))
+    if argv[:1] == ["restore"] and "--from" in argv[:-1]:
+        from hypervisor import snapshot
+        snapshot_dir = str(argv[argv.index("--from") + 1])
+        snapshot.preload_snapshot(snapshot_dir)
+        state = snapshot._PRELOADED.get(snapshot_dir)
+        if state is not None and state[1]["config"]["vcpus"] not in snapshot._HOST_IDENTITY:
+            with contextlib.suppress(OSError, ImportError):  # no /dev/kvm: the clone says so
+                from hypervisor.kvm import Kvm
+                kvm = Kvm()
+                try:
+                    snapshot.host_identity(kvm, state[1]["config"]["vcpus"])
+                finally:
+                    kvm.close()
 
 
 def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:

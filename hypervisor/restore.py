@@ -152,7 +152,7 @@ def restore(snapshot_dir: str, console_sink, timeline, hostname: str | None = No
         timeline.mark("snapshot_loaded")
         requests = identity_requests(hostname or f"pclite-{os.urandom(4).hex()}")
         kvm, vm = early.result()  # KVM errors (no /dev/kvm...) come after the snapshot's own
-        check_host(state["host"], host_identity(kvm, state["config"]["vcpus"]), snapshot_dir)
+        check_host(state["host"], host_identity(kvm, state["config"]["vcpus"], cached=True), snapshot_dir)
         timeline.mark("host_checked")
         memory = GuestMemory.from_file(os.path.join(snapshot_dir, state["memory"]["file"]),
                                        [tuple(region) for region in state["memory"]["regions"]])

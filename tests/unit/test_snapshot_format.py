@@ -227,3 +227,31 @@ def test_restore_cli_usage(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hypervisor", "restore"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "missing --from" in out.stderr
+
+
+# ---- a fork server's preloaded snapshot: used while unchanged, verified again after any change
+
+def test_preloaded_state_is_reused_until_a_file_changes(template, tmp_path):
+    machine, agent = template
+    snap = str(tmp_path / "snap")
+    state = write_snapshot(machine, agent, snap)
+    S.preload_snapshot(snap)
+    try:
+        assert S.load_snapshot(snap) is S._PRELOADED[snap][1]  # no re-read: the same object
+        rewrite(snap, state, version=S.VERSION + 1)  # replaced behind the server's back
+        with pytest.raises(S.SnapshotError, match="format version"):
+            S.load_snapshot(snap)
+        rewrite(snap, state)
+        S.preload_snapshot(snap)
+        os.truncate(os.path.join(snap, S.MEMORY_FILE), 4096)
+        with pytest.raises(S.SnapshotError, match="truncated or replaced"):
+            S.load_snapshot(snap)
+    finally:
+        S._PRELOADED.pop(snap, None)
+
+
+def test_preloading_a_bad_snapshot_leaves_the_error_to_the_clone(tmp_path):
+    S.preload_snapshot(str(tmp_path))  # no state.json: nothing cached, nothing raised
+    assert str(tmp_path) not in S._PRELOADED
+    with pytest.raises(S.SnapshotError, match="is not a snapshot"):
+        S.load_snapshot(str(tmp_path))
