@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     degrade_after_failures: int = Field(2, ge=1)
     terminal_retention_s: float = Field(86400.0, ge=0)  # stopped/failed VM rows and their logs
     vmm_detach: bool = True  # VMMs outlive a pclited restart and are adopted; False: they die with it
-    vmm_forkserver: bool = True  # fork VMMs from a pre-imported server (no interpreter start per VM)
+    # Fork VMMs from a pre-imported server: no interpreter start per VM (~1 s of a lab boot). False: a fresh
+    # `python -m hypervisor` per VM.
+    vmm_forkserver: bool = True
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
