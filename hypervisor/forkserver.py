@@ -9,6 +9,11 @@ file descriptors attached (SCM_RIGHTS) that become the VMM's stdin/stdout/stderr
 normal VMM process (own session, own threads); its boot timeline starts at t0, the caller's request time, so
 the figures include the fork and the hand-over. The server itself stays single-threaded: forking a process that
 has other threads can leave their locks held in the child.
+
+With --warm 1 (the default) the server keeps one VMM forked ahead ("warm"): it has already opened /dev/kvm and
+made an empty VM with its irqchip and PIT, and waits on a socketpair. A request goes to it (JSON + the fds) and
+the next warm VMM is forked once the server is idle again, so neither the fork nor KVM_CREATE_VM (~50 ms of a
+clone in the lab) is on the request's path. A warm VMM that died is replaced; without one, the server forks.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import time
 
 from hypervisor.cli_args import REQUIRED, parse_options
 
-OPTIONS = {"--socket": (str, REQUIRED)}
+OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1)}
 MAX_REQUEST = 64 << 10
 PARENT_POLL_S = 1.0
+WARM_AFTER_S = 0.2  # idle time before forking the next warm VMM: not while the one just handed out starts
+WARM_RETRY_S = 5.0  # after a warm VMM died before it was used (e.g. no /dev/kvm): fall back to plain forks
 
 
 class ForkServerError(Exception):
@@ -62,12 +69,13 @@ def serve(argv: list[str]) -> int:
     _signal.signal(_signal.SIGCHLD, lambda *_: None)  # a handler, not SIG_IGN: we want the exit codes
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # stop like Ctrl-C: the socket is removed
     children: dict[int, socket.socket] = {}
+    warm = _Warm(opts["warm"] > 0)
     parent = os.getppid()  # the server lives as long as whoever started it (pclited, a test, the bench)
     print(f"pclite forkserver: ready on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         while True:
             try:
-                ready, _, _ = select.select([listener, wake_r], [], [], PARENT_POLL_S)
+                ready, _, _ = select.select([listener, wake_r], [], [], warm.timeout(PARENT_POLL_S))
             except InterruptedError:
                 continue
             if os.getppid() != parent:
@@ -80,37 +88,82 @@ def serve(argv: list[str]) -> int:
                             break
                     except BlockingIOError:
                         break
-                _reap(children)
+                warm.reaped(_reap(children))
             if listener in ready:
                 conn, _ = listener.accept()
-                pid = _handle(conn, listener)
+                pid = _handle(conn, listener, warm)
                 if pid:
                     children[pid] = conn
-                _reap(children)  # a child may have exited before we recorded it
+                warm.reaped(_reap(children))  # a child may have exited before we recorded it
+            elif not ready:
+                warm.refill()
     except KeyboardInterrupt:
         return 0
     finally:
+        warm.close()
         listener.close()
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == inode:
                 os.unlink(path)
 
 
-def _reap(children: dict) -> None:
-    while children:
+class _Warm:
+    """The one VMM forked ahead of requests, with its KVM VM made (see the module's docstring)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.pid, self.conn = enabled, 0, None
+        self.due = time.monotonic() if enabled else None  # when to fork the next one; None: not wanted now
+
+    def timeout(self, idle: float) -> float:
+        return idle if self.due is None or self.pid else max(0.0, min(idle, self.due - time.monotonic()))
+
+    def refill(self) -> None:
+        if self.enabled and not self.pid and self.due is not None and time.monotonic() >= self.due:
+            self.due = None
+            try:
+                self.pid, self.conn = _fork_warm()
+            except OSError as exc:  # e.g. out of memory or pids: plain forks until it works again
+                print(f"pclite forkserver: cannot fork a warm VMM ({exc}); retrying in {WARM_RETRY_S:.0f} s",
+                      file=sys.stderr, flush=True)
+                self.due = time.monotonic() + WARM_RETRY_S
+
+    def take(self) -> tuple[int, socket.socket | None]:
+        """(pid, its request socket), or (0, None) without a warm VMM; the next is due once the server idles."""
+        pid, conn, self.pid, self.conn = self.pid, self.conn, 0, None
+        if self.enabled:
+            self.due = time.monotonic() + WARM_AFTER_S
+        return pid, conn
+
+    def reaped(self, pids: list[int]) -> None:
+        if self.pid and self.pid in pids:  # died unused: say why once, retry later
+            print(f"pclite forkserver: warm VMM {self.pid} exited before use; retrying in {WARM_RETRY_S:.0f} s",
+                  file=sys.stderr, flush=True)
+            self.conn.close()
+            self.pid, self.conn, self.due = 0, None, time.monotonic() + WARM_RETRY_S
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()  # the warm VMM reads EOF and exits
+
+
+def _reap(children: dict) -> list[int]:
+    """Collect exited children (answering their callers); returns their pids."""
+    reaped = []
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
         conn = children.pop(pid, None)
         if conn is not None:
             _reply(conn, {"exit_code": os.waitstatus_to_exitcode(status)})  # the caller may be gone: fine
             conn.close()
 
 
-def _handle(conn: socket.socket, listener: socket.socket) -> int:
+def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
     try:
         conn.settimeout(5)
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
@@ -122,27 +175,84 @@ def _handle(conn: socket.socket, listener: socket.socket) -> int:
         conn.close()
         return 0
     _preload_images(request["argv"])
-    pid = os.fork()
-    if pid == 0:  # the new VMM
-        code = 1
+    pid, warm_conn = warm.take()
+    if warm_conn is not None:
         try:
+            socket.send_fds(warm_conn, [data], fds)
+        except OSError:  # it died meanwhile: fork one
+            pid = 0
+        warm_conn.close()
+    if not pid:
+        pid = os.fork()
+        if pid == 0:  # the new VMM
             listener.close()
             _become_vmm(conn, fds, request)
-            from hypervisor.__main__ import main
-            code = main([str(arg) for arg in request["argv"]])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException as exc:  # never return into the server's loop from a child
-            print(f"pclite: VMM failed: {exc!r}", file=sys.stderr)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            _run_vmm(request)
     for fd in fds:
         os.close(fd)
     conn.settimeout(None)
     _reply(conn, {"pid": pid})
     return pid
+
+
+def _run_vmm(request: dict) -> None:
+    """In a forked child: run the request's VMM command, then exit (never back into the server's loop)."""
+    code = 1
+    try:
+        from hypervisor.__main__ import main
+        code = main([str(arg) for arg in request["argv"]])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001
+        print(f"pclite: VMM failed: {exc!r}", file=sys.stderr)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _fork_warm() -> tuple[int, socket.socket | None]:
+    server_end, vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            server_end.close()
+            request = _wait_as_warm(vmm_end)
+            if request is not None:
+                _run_vmm(request)
+        except BaseException as exc:  # noqa: BLE001
+            print(f"pclite forkserver: warm VMM failed: {exc!r}", file=sys.stderr)
+            code = 1
+        os._exit(code)
+    vmm_end.close()
+    return pid, server_end
+
+
+def _wait_as_warm(conn: socket.socket) -> dict | None:
+    """In the warm child: detach from the server, make the KVM VM, then wait for a request (None: the server
+    went away). The request's fds become stdio, as in _become_vmm."""
+    import _signal
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    os.setsid()
+    keep = conn.fileno()
+    os.closerange(3, keep)  # the server's listener, wake pipe and callers' connections
+    os.closerange(keep + 1, 1 << 16)
+    from hypervisor.vm import prepare_ahead
+    try:
+        prepare_ahead()
+    except OSError as exc:  # no usable /dev/kvm: the VMM reports it in its own words when it builds
+        print(f"pclite forkserver: warm VMM could not prepare KVM ({exc}); it will retry per request",
+              file=sys.stderr, flush=True)
+    data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+    if not data or len(fds) != 3:
+        return None
+    request = json.loads(data)
+    conn.close()
+    _adopt_request(fds, request)
+    return request
 
 
 def _preload_images(argv: list) -> None:
@@ -179,6 +289,14 @@ def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:
         os.dup2(fd, target)
         os.close(fd)
     os.closerange(3, 1 << 16)  # the server's listener, wake pipe and other callers' connections
+    _adopt_request([], request)
+
+
+def _adopt_request(fds: list[int], request: dict) -> None:
+    """stdio from `fds` (if given), the request's cwd, and its t0 as the timeline's origin."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
     if request.get("cwd"):
         os.chdir(request["cwd"])
     from hypervisor import __main__ as vmm_main

@@ -103,6 +103,13 @@ class _EarlyVm(threading.Thread):
     def __init__(self, kvm=None):
         super().__init__(name="create-vm", daemon=True)
         self.kvm, self.vm, self.error = kvm, None, None
+        from hypervisor.vm import take_prepared_vm
+        prepared = None if kvm else take_prepared_vm()
+        if prepared:  # made before the request (a pre-forked VMM): nothing left to do
+            self.kvm, self.vm = prepared
+            self._on_thread = False
+            return
+        self._on_thread = True
         self.start()
 
     def run(self) -> None:
@@ -115,13 +122,15 @@ class _EarlyVm(threading.Thread):
             self.error = exc
 
     def result(self):
-        self.join()
+        if self._on_thread:
+            self.join()
         if self.error is not None:
             raise self.error
         return self.kvm, self.vm
 
     def discard(self) -> None:
-        self.join()
+        if self._on_thread:
+            self.join()
         for owner in (self.vm, self.kvm):
             if owner is not None:
                 owner.close()

@@ -64,6 +64,20 @@ class MachineConfig:
                 raise VmConfigError(f"{what} {path} does not exist or is not a file")
 
 
+_PREPARED: list = []  # (kvm, vm) made ahead of the request by a pre-forked VMM (hypervisor/forkserver.py)
+
+
+def prepare_ahead() -> None:
+    """Open KVM and make an empty VM with its chips now, for the next build()/restore in this process to take."""
+    kvm = Kvm()
+    _PREPARED.append((kvm, Machine.prepare_vm(kvm)))
+
+
+def take_prepared_vm():
+    """The (kvm, vm) prepare_ahead() made, once; else None."""
+    return _PREPARED.pop() if _PREPARED else None
+
+
 class Machine:
     def __init__(self, config: MachineConfig, timeline: Timeline | None = None):
         config.validate()
@@ -95,16 +109,12 @@ class Machine:
         Everything up to the boot vCPU's registers overlaps the loading; only those wait for the plan."""
         images = images or self.boot_images()
         try:
-            self.kvm = Kvm()
-            self.vm = self.kvm.create_vm()
+            self.kvm, self.vm = take_prepared_vm() or (Kvm(), None)
+            self.vm = self.vm or self.prepare_vm(self.kvm)
         except KvmError:
             images.result()  # a bad image or command line is the error to report first, as before KVM is touched
             raise
         self.timeline.mark("vm_created")
-        self.vm.set_tss_addr(TSS_ADDR)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vm.create_irqchip()
-        self.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
         self.memory = images.memory or images.result()  # None only if mapping RAM failed: result() raises why
         for slot, (gpa, size, mapping) in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, gpa, size, buffer_address(mapping))

@@ -3,10 +3,11 @@
 Each VM is timed from the moment it is asked for (process spawn, or the fork server request) until a GET /status
 says agent_ready (a restored VMM serves its API only once it is ready, so a clone needs one status call), and
 until its first exec (`true`) has answered. Both launch paths are measured: a fresh `python` per VM, and a fork of
-the pre-imported fork server (what pclited uses), round-robin so that other load on the (shared) lab weighs on all
-four alike. Memory: /proc/PID/smaps_rollup of 20 clones (forked) running at once, plus Private_Dirty of the
-guest-RAM mapping alone: the pages a clone has copied from the snapshot (with one clone alone, snapshot pages only
-it maps would count as private too). Goals (issue 7): clone >= 20x faster than cold boot in the lab, <= 10 ms on
+the pre-imported fork server (what pclited uses; it keeps a warm VMM, forked with its KVM VM made, ahead of
+requests: also measured without), round-robin so that other load on the (shared) lab weighs on all of them alike.
+Memory: /proc/PID/smaps_rollup of 20 clones (forked) running at once, plus Private_Dirty of the guest-RAM mapping
+alone: the pages a clone has copied from the snapshot (with one clone alone, snapshot pages only it maps would count
+as private too). Goals (issue 7): clone >= 20x faster than cold boot in the lab, <= 10 ms on
 real KVM, <= 8 MiB private memory per clone. Lab figures are emulated: read the ratios.
 """
 
@@ -149,7 +150,8 @@ def main() -> None:
     cold = ["run", "--kernel", str(art.bzimage), "--initrd", str(art.initrd), "--cmdline", AGENT_CMDLINE,
             "--mem", str(MEM_MIB), "--vcpus", "1"]
     print(f"== clone: snapshot restore vs cold boot to agent-ready ({MEM_MIB} MiB, 1 vCPU)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp_name, ForkServer(Path(tmp_name)) as server:
+    with tempfile.TemporaryDirectory() as tmp_name, ForkServer(Path(tmp_name)) as server, \
+            ForkServer(Path(tmp_name), warm=False) as plain_forks:
         tmp = Path(tmp_name)
         (tmp / "template").mkdir()
         progress("booting the template")
@@ -163,7 +165,8 @@ def main() -> None:
         progress("timed runs")
         clone = ["restore", "--from", str(tmp / "snap")]
         scenarios = {"cold boot, fresh process": (cold, None), "cold boot, forked": (cold, server.path),
-                     "clone, fresh process": (clone, None), "clone, forked": (clone, server.path)}
+                     "clone, fresh process": (clone, None), "clone, forked": (clone, server.path),
+                     "clone, forked, no warm VMM": (clone, plain_forks.path)}
         results = interleaved(tmp, scenarios, {name: COLD_RUNS if name.startswith("cold") else RUNS
                                                for name in scenarios})
         progress(f"{CLONES} clones at once")

@@ -72,11 +72,14 @@ def _read_with_deadline(fd: int, deadline: float) -> bytes:
 
 
 class ForkServer:
-    """`python -m hypervisor forkserver` for the duration of a with-block; .run(args) -> a ForkedProcess starter."""
+    """`python -m hypervisor forkserver` for the duration of a with-block; .run(args) -> a ForkedProcess starter.
+    warm=False: no VMM forked ahead of requests (each request pays the fork and KVM_CREATE_VM)."""
 
-    def __init__(self, directory: Path):
-        self.path = str(directory / "forkserver.sock")
-        self.proc = subprocess.Popen(vmm_command(["forkserver", "--socket", self.path]), stderr=subprocess.DEVNULL)
+    def __init__(self, directory: Path, warm: bool = True):
+        name = "forkserver.sock" if warm else "forkserver-cold.sock"
+        self.path = str(directory / name)
+        self.proc = subprocess.Popen(vmm_command(["forkserver", "--socket", self.path, "--warm", str(int(warm))]),
+                                     stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.path):
             if self.proc.poll() is not None or time.monotonic() > deadline:

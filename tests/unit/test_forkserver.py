@@ -14,19 +14,51 @@ from hypervisor.forkserver import ForkServerError, spawn
 from hypervisor.launch import vmm_command
 
 
-@pytest.fixture
-def server(tmp_path):
+def _start(tmp_path, *extra):
     path = str(tmp_path / "fork.sock")
-    proc = subprocess.Popen(vmm_command(["forkserver", "--socket", path]), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(vmm_command(["forkserver", "--socket", path, *extra]), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not os.path.exists(path):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "fork server never listened"
         time.sleep(0.01)
-    yield path
+    return path, proc
+
+
+def _stop(path, proc):
     proc.terminate()
     assert proc.wait(10) is not None
     assert not os.path.exists(path), "the fork server left its socket behind"
+
+
+@pytest.fixture
+def server(tmp_path):
+    path, proc = _start(tmp_path)
+    yield path
+    _stop(path, proc)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _holds_kvm_vm(pid: int) -> bool:
+    fds = f"/proc/{pid}/fd"
+    return any(os.readlink(os.path.join(fds, fd)) == "anon_inode:kvm-vm" for fd in os.listdir(fds))
+
+
+def _warm_child(server_pid: int, timeout_s: float = 10) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in _children(server_pid):
+            try:
+                if _holds_kvm_vm(child):
+                    return child
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError("the fork server has no warm VMM (a child holding a KVM VM)")
 
 
 def _spawn(server, argv):
@@ -96,3 +128,32 @@ def test_preloaded_image_is_served_from_memory_until_the_file_changes(tmp_path):
     dest = bytearray(8)
     cached.read_into(memoryview(dest), 8000)
     assert dest == b"B" * 8 and isinstance(cached._map, bytearray)
+
+
+@pytest.mark.kvm
+def test_requests_go_to_a_warm_vmm_with_its_kvm_vm_made_ahead(tmp_path):
+    path, proc = _start(tmp_path)
+    try:
+        for _ in range(3):  # each request takes the warm one; the next is forked once the server idles
+            warm = _warm_child(proc.pid)
+            vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/vmlinux"])
+            assert vm.pid == warm
+            assert vm.wait(10) == 1 and b"kernel /nonexistent/vmlinux does not exist" in _drain(out)
+        os.kill(_warm_child(proc.pid), 9)  # a warm VMM that dies unused: requests are forked meanwhile
+        time.sleep(0.2)
+        vm, out = _spawn(path, ["run", "--bogus"])
+        assert vm.wait(10) == 2 and b"unknown option '--bogus'" in _drain(out)
+    finally:
+        _stop(path, proc)
+    assert b"exited before use" in proc.stderr.read()
+
+
+def test_without_warm_vmms_nothing_waits_ahead(tmp_path):
+    path, proc = _start(tmp_path, "--warm", "0")
+    try:
+        time.sleep(0.5)
+        assert _children(proc.pid) == []
+        vm, out = _spawn(path, ["run", "--bogus"])
+        assert vm.wait(10) == 2 and b"unknown option '--bogus'" in _drain(out)
+    finally:
+        _stop(path, proc)
