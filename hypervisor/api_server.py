@@ -134,7 +134,7 @@ class ApiServer:
         body = reader.read(length) if length else b""
         path, _, raw_query = target.partition("?")
         try:
-            response = self.handler(Request(method, path, _parse_query(raw_query), body))
+            response = self.handler(Request(method, path, _parse_query(raw_query) if raw_query else {}, body))
         except HttpError as exc:
             response = Response(exc.status, {"error": str(exc)})
         except Exception as exc:  # a handler bug must not kill the VMM; say what broke
