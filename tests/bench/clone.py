@@ -37,6 +37,7 @@ COLD_RUNS = int(os.environ.get("PCLITE_BENCH_COLD_RUNS", "5"))
 CLONES = 20
 MEM_MIB = 128
 TIMEOUT_S = 180
+FAILURES: list[str] = []  # runs that never got ready: printed at the end, and the bench exits 1
 
 
 class Started:
@@ -99,8 +100,13 @@ def interleaved(tmp: Path, scenarios: dict, runs: dict) -> dict:
         progress(f"round {round_ + 1}")
         for name, (argv, server) in scenarios.items():
             if round_ < runs[name]:
-                ready, first_exec = timed_once(tmp, f"{name.replace(' ', '-').replace(',', '')}-{round_}", argv,
-                                               server)
+                try:
+                    ready, first_exec = timed_once(tmp, f"{name.replace(' ', '-').replace(',', '')}-{round_}",
+                                                   argv, server)
+                except RuntimeError as exc:  # reported and counted; the other runs still say something
+                    FAILURES.append(f"{name}, round {round_ + 1}: {str(exc)[:600]}")
+                    progress(f"FAILED: {FAILURES[-1]}")
+                    continue
                 results[name][0].append(ready)
                 results[name][1].append(first_exec)
     return results
@@ -211,7 +217,11 @@ def main() -> None:
     record = {"mem_mib": MEM_MIB, "snapshot": snap, "seconds_ready_and_first_exec": results, "ratios": ratios,
               "clones": {"count": CLONES, "all_ready_s": all_ready_s, "rollup_kib": rollups,
                          "guest_private_kib": guest_private}, "template_rollup_kib": template_mem}
+    record["failures"] = FAILURES
     (results_dir() / "clone.json").write_text(json.dumps(record, indent=1))
+    if FAILURES:
+        print(f"  {len(FAILURES)} run(s) FAILED (the medians above leave them out):", *FAILURES, sep="\n    ")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
