@@ -43,6 +43,7 @@ def _preload() -> None:
     the first exec and query string import lazily (a first import costs tens of ms in the lab)."""
     import base64  # noqa: F401
     import urllib.parse  # noqa: F401
+
     import hypervisor.agent_channel  # noqa: F401
     import hypervisor.api_server  # noqa: F401
     import hypervisor.boot_images  # noqa: F401
