@@ -18,7 +18,7 @@ from pathlib import Path
 from guestboot.cache import BuildError
 from guestboot.lab.assets import stock_kernel
 from guestboot.lab.detect import host_kvm_status
-from guestboot.lab.runner import LabError, LabRequest, run_in_lab
+from guestboot.lab.runner import LabError, LabKernelPanic, LabRequest, run_in_lab
 
 GUEST_TEST_TIMEOUT_S = 600
 LAB_TIMEOUT_S = {"run": 3600, "test": 2400}  # test: CI has 90 minutes in all
@@ -51,15 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_lab(args, argv: list[str]) -> int:
+def _run_lab(args, argv: list[str], attempts: int = 1) -> int:
+    """`attempts` > 1: run again in a fresh lab when the lab's own kernel panicked (not when the command
+    failed): the nested KVM of the lab (kvm-amd under TCG) has crashed that way now and then."""
     request = LabRequest(command=argv, workdir=Path.cwd(), mem_mib=args.mem, cpus=args.cpus,
                          timeout_s=args.timeout, forwards=args.forward)
     started = time.monotonic()
-    try:
-        code = run_in_lab(request)
-    except (LabError, BuildError) as exc:
-        print(f"pclite-lab: error: {exc}", file=sys.stderr)
-        return 125
+    for attempt in range(1, attempts + 1):
+        try:
+            code = run_in_lab(request)
+            break
+        except LabKernelPanic as exc:
+            if attempt == attempts:
+                print(f"pclite-lab: error: {exc}; gave up after {attempts} lab(s)", file=sys.stderr)
+                return 125
+            print(f"pclite-lab: {exc}; running it again in a fresh lab (attempt {attempt + 1} of {attempts})",
+                  file=sys.stderr, flush=True)
+        except (LabError, BuildError) as exc:
+            print(f"pclite-lab: error: {exc}", file=sys.stderr)
+            return 125
     print(f"pclite-lab: command exited {code} after {time.monotonic() - started:.1f}s in the lab", file=sys.stderr)
     return code
 
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pclite-lab: guest tests run directly: {reason}", file=sys.stderr)
         return subprocess.call(pytest)
     print(f"pclite-lab: guest tests run inside the lab: {reason}", file=sys.stderr)
-    return _run_lab(args, pytest)
+    return _run_lab(args, pytest, attempts=2)
 
 
 if __name__ == "__main__":

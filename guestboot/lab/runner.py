@@ -32,6 +32,13 @@ class LabError(Exception):
     """The lab itself failed (not the command run in it)."""
 
 
+class LabKernelPanic(LabError):
+    """The lab's own kernel panicked: a fault of the lab (nested KVM under TCG), not of the command in it."""
+
+
+PANIC_LINE = b"Kernel panic - not syncing"
+
+
 @dataclass
 class LabRequest:
     command: list[str]
@@ -98,9 +105,12 @@ def run_in_lab(request: LabRequest, out=None) -> int:
             f"LAB_RESULTS={shlex.quote(str(results))}\nLAB_NET={1 if request.forwards else 0}\n")
         cmd = qemu_command(request, results, shares)
         started = time.monotonic()
-        tail = _stream(cmd, request.timeout_s, out, monitor=results / MONITOR_SOCKET)
+        tail, panicked = _stream(cmd, request.timeout_s, out, monitor=results / MONITOR_SOCKET)
         exit_file = results / "exit-code"
         if not exit_file.exists():
+            if panicked:
+                raise LabKernelPanic(f"the lab's kernel panicked after {time.monotonic() - started:.0f}s (its "
+                                     f"backtrace is above): a fault of the lab's nested KVM, not of the command")
             last = b"\n".join(tail.splitlines()[-15:]).decode(errors="replace")
             raise LabError(f"the lab VM stopped after {time.monotonic() - started:.0f}s before the command finished; "
                            f"its last console lines:\n{last}")
@@ -146,9 +156,10 @@ def _send_nmi(monitor: Path) -> None:
         pass  # the backtrace is a courtesy; the timeout error is reported either way
 
 
-def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> bytes:
+def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> tuple[bytes, bool]:
     """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; past the timeout, ask the lab kernel for
-    its backtraces (NMI) and give it a few seconds to print them, then kill it."""
+    its backtraces (NMI) and give it a few seconds to print them, then kill it. Returns (the last 4 KiB of the
+    console, whether the lab's kernel panicked on its own)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
     selector = selectors.DefaultSelector()
@@ -156,7 +167,7 @@ def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) 
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")  # 0: a service, no limit
     tail = b""
     pending = b""
-    timed_out = False
+    timed_out = panicked = False
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -183,10 +194,11 @@ def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) 
                 chunk, pending = chunk[:-1], b"\r"
             out.write(chunk.replace(b"\r", b""))
             out.flush()
+            panicked = panicked or (not timed_out and PANIC_LINE in tail[-64:] + chunk)
             tail = (tail + chunk)[-4096:]
     finally:
         selector.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    return tail
+    return tail, panicked

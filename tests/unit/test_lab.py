@@ -51,3 +51,38 @@ def test_command_script_quotes_and_passes_only_known_env(tmp_path, monkeypatch):
     assert "SECRET_TOKEN" not in script
     assert "PCLITE_IN_LAB=1" in script
     assert script.rstrip().endswith("exec " + shlex.join(["echo", "it's", "$HOME"]))
+
+
+def test_console_stream_tells_a_lab_kernel_panic_from_a_normal_end():
+    import io
+
+    from guestboot.lab.runner import _stream
+    out = io.BytesIO()
+    tail, panicked = _stream(["sh", "-c", "printf 'booting\\r\\n[  72.6] Kernel panic - not syncing: corrupted "
+                              "stack end\\r\\n'"], 30, out)
+    assert panicked and b"corrupted stack end\n" in out.getvalue() and b"\r" not in out.getvalue()
+    tail, panicked = _stream(["sh", "-c", "echo all good"], 30, io.BytesIO())
+    assert not panicked and tail == b"all good\n"
+
+
+def test_guest_tests_run_again_once_when_the_lab_kernel_panics(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from guestboot.lab import cli
+    from guestboot.lab.runner import LabKernelPanic
+    outcomes = [LabKernelPanic("the lab's kernel panicked after 72s"), 0]
+
+    def fake_lab(request):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    monkeypatch.setattr(cli, "run_in_lab", fake_lab)
+    args = SimpleNamespace(mem=1024, cpus=1, timeout=10, forward=[])
+    assert cli._run_lab(args, ["pytest"], attempts=2) == 0
+    assert "running it again in a fresh lab (attempt 2 of 2)" in capsys.readouterr().err
+    outcomes[:] = [LabKernelPanic("panicked"), LabKernelPanic("panicked again")]
+    assert cli._run_lab(args, ["pytest"], attempts=2) == 125
+    assert "gave up after 2 lab(s)" in capsys.readouterr().err
+    outcomes[:] = [LabKernelPanic("panicked")]
+    assert cli._run_lab(args, ["bench"]) == 125  # `run` (benchmarks, services): never silently twice
