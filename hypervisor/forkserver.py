@@ -64,10 +64,13 @@ def serve(argv: list[str]) -> int:
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    os.chmod(path, 0o600)
-    inode = os.stat(path).st_ino  # a successor may bind the same path before we are gone: never unlink theirs
+    # Bound and listening under a temporary name, then renamed: whoever sees `path` can connect at once.
+    staging = f"{path}.{os.getpid()}"
+    listener.bind(staging)
+    os.chmod(staging, 0o600)
     listener.listen(64)
+    os.replace(staging, path)
+    inode = os.stat(path).st_ino  # a successor may bind the same path before we are gone: never unlink theirs
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(wake_w)
     _signal.signal(_signal.SIGCHLD, lambda *_: None)  # a handler, not SIG_IGN: we want the exit codes
