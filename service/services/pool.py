@@ -253,14 +253,16 @@ class PoolManager:
         if final is None:
             return await self._release(vm)  # it was being stopped: not a boot failure
         log.warning("%s (%s) failed to boot: %s", vm.id, flavor.name, error.reason)
-        await blocking(self.rt.launcher.stop, final, 1.0)  # a hung VMM (timeout) must not linger
-        if error.crashed:
-            self.rt.metrics.vmm_crashes.inc()
+        # Counted before the VMM is stopped: whoever sees it gone (the failed row is already there) must also see
+        # the pool's failure count and backoff.
         health = self.health[flavor.name]
         health.failures += 1
         health.last_error = error.reason
         delay = min(self.settings.backoff_base_s * 2 ** (health.failures - 1), self.settings.backoff_max_s)
         health.backoff_until = time.monotonic() + delay
+        await blocking(self.rt.launcher.stop, final, 1.0)  # a hung VMM (timeout) must not linger
+        if error.crashed:
+            self.rt.metrics.vmm_crashes.inc()
         asyncio.get_running_loop().call_later(delay, self.wake)  # retry on time, not at the next tick
         if health.failures == self.settings.degrade_after_failures:
             await asyncio.to_thread(self.rt.inv.event, "pool.degraded", f"{health.failures} consecutive boot "
