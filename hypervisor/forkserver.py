@@ -64,12 +64,11 @@ def serve(argv: list[str]) -> int:
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound and listening under a temporary name, then renamed: whoever sees `path` can connect at once.
-    staging = f"{path}.{os.getpid()}"
-    listener.bind(staging)
-    os.chmod(staging, 0o600)
+    # Listening right after bind (not renamed into place: /proc/net/unix, which pclited scans, keeps the name a
+    # socket was bound to); spawn() retries the instant in between.
+    listener.bind(path)
     listener.listen(64)
-    os.replace(staging, path)
+    os.chmod(path, 0o600)
     inode = os.stat(path).st_ino  # a successor may bind the same path before we are gone: never unlink theirs
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(wake_w)
@@ -368,7 +367,7 @@ def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cw
     request = {"argv": argv, "cwd": cwd or os.getcwd(), "t0": time.monotonic()}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(server)
+        _connect(conn, server)
         socket.send_fds(conn, [json.dumps(request).encode()], [stdin, stdout, stderr])
         first = b""
         while b"\n" not in first:  # the pid line; the exit line may follow in the same read
@@ -386,6 +385,18 @@ def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cw
         conn.close()
         raise ForkServerError(reply.get("error", "the fork server closed the connection without a pid"))
     return ForkedVmm(conn, reply["pid"], rest)
+
+
+def _connect(conn: socket.socket, path: str, patience_s: float = 1.0) -> None:
+    """connect(), retrying ECONNREFUSED for a moment: a server between bind() and listen() refuses."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return conn.connect(path)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def select_readable(conn: socket.socket, timeout: float) -> bool:
