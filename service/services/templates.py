@@ -282,10 +282,12 @@ class TemplateManager:
                                 None, flavor_name)
         asyncio.get_running_loop().call_later(delay, self.rt.pool.wake)
 
-    async def restore_failed(self, flavor_name: str, dir_name: str, reason: str) -> None:
-        """A clone of `dir_name` did not come up: that template is unusable (corrupted, another host, another
-        pclite). Remove it so no other VM tries it; running clones keep the memory they mapped."""
-        self.rt.metrics.clone_fallbacks.labels(flavor_name).inc()
+    async def restore_failed(self, flavor_name: str, dir_name: str, reason: str, fallback: bool = True) -> None:
+        """A clone of `dir_name` did not come up (fallback: it is being cold-booted instead): that template is
+        unusable (corrupted, another host, another pclite). Remove it so no other VM tries it; running clones keep
+        the memory they mapped."""
+        if fallback:
+            self.rt.metrics.clone_fallbacks.labels(flavor_name).inc()
         template = self.templates.get(flavor_name)
         if template is None or template.dir_name != dir_name or template.state != READY:
             return  # an older template, or already invalidated by another clone's failure
