@@ -51,11 +51,11 @@ class Metrics:
         self._template_flavors: set[str] = set()
         self._exits_seen: dict[str, dict[str, int]] = {}
 
-    def observe_boot(self, flavor: str, boot_ms: dict, source: str = "cold") -> None:
-        if boot_ms.get("total") is not None:
+    def observe_boot(self, flavor: str, boot_ms: dict, source: str | None = "cold") -> None:
+        """A VM reached its agent (source None: a template VM, which is no pool VM). A clone has no kernel or init
+        phase: it adds to vmm_setup (up to its state restored) and total only."""
+        if boot_ms.get("total") is not None and source is not None:
             self.boot_to_ready.labels(flavor, source).observe(boot_ms["total"] / 1000)
-        if source != "cold":
-            return  # the phase histograms stay cold boots' (a clone has no kernel or init phase)
         for phase in BOOT_PHASES:
             if boot_ms.get(phase) is not None:
                 self.boot_phase.labels(phase, flavor).observe(boot_ms[phase] / 1000)

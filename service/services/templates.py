@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from service.models import Flavor
-from service.services.vmm import BASE_CMDLINE, LaunchError, blocking, scan_vmms, vmm_errors
+from service.services.vmm import BASE_CMDLINE, LaunchError, blocking, boot_phases, scan_vmms, vmm_errors
 
 if TYPE_CHECKING:
     from service.services.runtime import Runtime
@@ -248,9 +248,11 @@ class TemplateManager:
                                     f" see {vm.console_path} for its boot log, or raise PCLITE_BOOT_TIMEOUT_S")
             if os.path.exists(vm.api_socket):
                 with contextlib.suppress(*vmm_errors()):
-                    await blocking(client.wait_agent_ready, 1.0)
+                    status = await blocking(client.wait_agent_ready, 1.0)
                     break
             await asyncio.sleep(0.02)
+        # A cold boot of the flavor like any other: its phases count (clones have no kernel or init phase).
+        self.rt.metrics.observe_boot(flavor.name, boot_phases(status.get("timeline_ms")) or {}, source=None)
         # Right at agent-ready the agent is idle (the snapshot refuses otherwise); not resumed: it stops next.
         try:
             return await blocking(client.snapshot, str(work / "snapshot"), False, SNAPSHOT_TIMEOUT_S)

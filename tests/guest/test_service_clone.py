@@ -79,6 +79,9 @@ def test_clone_pool_templates_refill_change_and_fall_back(service):
         service.wait_for(lambda: len(ready_vms(api, "cl")) == 2, STEP_S, message="2 ready clones")
         assert [vm["source"] for vm in ready_vms(api, "cl")] == ["clone", "clone"]
         assert metric(api, "pclite_boot_to_ready_seconds_count", flavor="cl", source="clone") == 2
+        # the phase histograms: the template's cold boot has them all, the clones vmm_setup and total only
+        assert metric(api, "pclite_boot_phase_seconds_count", flavor="cl", phase="kernel") == 1
+        assert metric(api, "pclite_boot_phase_seconds_count", flavor="cl", phase="total") == 3
         assert metric(api, "pclite_template_state", flavor="cl", state="ready") == 1
         assert not vmm_processes(run_dir / "tpl"), "the template VM is stopped once snapshotted"
         print(f"template built in {built['build_ms'] / 1000:.1f} s")

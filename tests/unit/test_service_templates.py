@@ -76,6 +76,28 @@ def test_template_directory_names_and_backoff():
     assert [T.backoff_s(n, 5, 60) for n in (1, 2, 3, 4, 5, 6)] == [5, 10, 20, 40, 60, 60]
 
 
+def test_a_clone_has_no_kernel_phase_and_metrics_label_the_source():
+    from service.metrics import Metrics
+    from service.services.vmm import boot_phases
+    restored = {"process_start": 0.0, "vmm_ready": 40.0, "restored": 90.0, "init_reached": 90.5,
+                "agent_ready": 91.0, "first_kvm_run": 95.0, "api_served": 96.0}  # KVM_RUN starts after ready
+    assert boot_phases(restored, "clone") == {"vmm_setup": 90.0, "kernel": None, "init_to_agent": None,
+                                              "total": 91.0}
+    metrics = Metrics()
+    metrics.observe_boot("f", boot_phases(restored, "clone"), "clone")
+    metrics.observe_boot("f", {"vmm_setup": 10.0, "kernel": 800.0, "init_to_agent": 50.0, "total": 860.0}, "cold")
+    metrics.observe_boot("f", {"vmm_setup": 10.0, "kernel": 800.0, "init_to_agent": 50.0, "total": 860.0}, None)
+    text = metrics.render().decode()
+    assert 'pclite_boot_to_ready_seconds_count{flavor="f",source="clone"} 1.0' in text
+    assert 'pclite_boot_to_ready_seconds_count{flavor="f",source="cold"} 1.0' in text  # not the template's
+    assert 'pclite_boot_phase_seconds_count{flavor="f",phase="total"} 3.0' in text
+    assert 'pclite_boot_phase_seconds_count{flavor="f",phase="kernel"} 2.0' in text
+    metrics.set_templates({"f": "ready"})
+    assert 'pclite_template_state{flavor="f",state="ready"} 1.0' in metrics.render().decode()
+    metrics.set_templates({})
+    assert "pclite_template_state{" not in metrics.render().decode()
+
+
 # --- the flavor's `clone` field: schema, manifests, deploy ----------------------------------------------------
 
 def test_clone_defaults_to_true_in_the_schema_and_manifests_carry_it():
