@@ -37,9 +37,10 @@ class PoolHealth:
 
 
 class BootError(Exception):
-    def __init__(self, reason: str, code: int | None = None, crashed: bool = False) -> None:
+    def __init__(self, reason: str, code: int | None = None, crashed: bool = False, started: bool = True) -> None:
         super().__init__(reason)
         self.reason, self.code, self.crashed = reason, code, crashed
+        self.started = started  # False: no VMM ran (nothing to say about a clone's template)
 
 
 class _Released(Exception):
@@ -180,7 +181,7 @@ class PoolManager:
             try:
                 status = await self._start(vm, flavor, adopted)
             except BootError as exc:
-                if vm.source != CLONE:
+                if vm.source != CLONE or not exc.started:
                     raise
                 if not await self._fall_back(vm, flavor, exc):
                     return await self._release(vm)
@@ -201,7 +202,7 @@ class PoolManager:
             try:
                 proc = await blocking(self.rt.launcher.spawn, vm, flavor)
             except (LaunchError, OSError) as exc:
-                raise BootError(f"could not start the VMM: {exc}") from exc
+                raise BootError(f"could not start the VMM: {exc}", started=False) from exc
             vm.pid = proc.pid
             await asyncio.to_thread(self.rt.inv.update, vm.id, pid=proc.pid)
             if (await asyncio.to_thread(self.rt.inv.get, vm.id)).state != BOOTING:
