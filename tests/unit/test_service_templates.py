@@ -284,3 +284,27 @@ def test_pclited_falls_back_to_cold_boot_when_a_template_does_not_restore(workdi
             assert len(tried) == 1, f"one clone tried, no loop: {tried}"
     finally:
         service.stop()
+
+
+def test_template_vmms_are_not_taken_for_pool_vmms(workdir):
+    """Their sockets live in run_dir/tpl/: the orphan sweep and the restart reconcile, which kill any VMM in
+    run_dir that no live VM owns, must not see them; the template manager finds them there itself."""
+    import signal
+    import subprocess
+    import sys
+
+    from service.services.vmm import scan_vmms
+    run_dir = workdir / "run"
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hypervisor", "run",
+                               "--api-sock", str(path)], start_new_session=True)
+             for path in (run_dir / "vm-000000000001.sock", run_dir / "tpl" / "0123456789ab.sock")]
+    try:
+        deadline = time.monotonic() + 10
+        while len(scan_vmms(run_dir) | scan_vmms(run_dir / "tpl")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scan_vmms(run_dir) == {str(run_dir / "vm-000000000001.sock"): procs[0].pid}
+        assert scan_vmms(run_dir / "tpl") == {str(run_dir / "tpl" / "0123456789ab.sock"): procs[1].pid}
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
