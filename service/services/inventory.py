@@ -126,6 +126,18 @@ class Inventory:
             add_event(s, "vm.booting", f"{how} for the pool" if pooled else f"{how} for a claim", vm_id, flavor.name)
         return vm
 
+    def no_room_for(self, mem_mib: int) -> str | None:
+        """Why one more VM of mem_mib would exceed the quotas, or None (a template VM: not a row, but it runs)."""
+        with self.db.read() as s:
+            count, mem = s.execute(select(func.count(), func.coalesce(func.sum(VM.mem_mib), 0))
+                                   .where(VM.state.in_(LIVE_STATES))).one()
+        if count + 1 > self.settings.max_vms:
+            return f"{count} of max {self.settings.max_vms} VMs are running or booting (PCLITE_MAX_VMS)"
+        if mem + mem_mib > self.settings.max_guest_mem_mib:
+            return (f"{mem} MiB of guest memory in use + {mem_mib} MiB > max {self.settings.max_guest_mem_mib} MiB "
+                    "(PCLITE_MAX_GUEST_MEM_MIB)")
+        return None
+
     def claim(self, flavor_name: str) -> tuple[Row | None, Flavor | None]:
         """Atomically take the oldest ready VM of the flavor's current spec: (vm, None) on a hit, (None, flavor)
         when there is none. Prebuilt Core statements: the claim latency is mostly this."""

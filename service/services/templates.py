@@ -179,6 +179,9 @@ class TemplateManager:
         due = template.state == PENDING or (template.state == FAILED and time.monotonic() >= template.backoff_until)
         due = due and flavor.pool_target > 0  # no pool to refill, no template (a claim miss boots cold)
         if due and not busy:
+            if full := await asyncio.to_thread(self.rt.inv.no_room_for, flavor.mem_mib):
+                template.error = f"template build waits for quota: {full}"  # the pool could not boot either
+                return
             template.state = BUILDING
             template.task = asyncio.create_task(self._build(flavor, template), name=f"template-{flavor.name}")
 
@@ -211,7 +214,9 @@ class TemplateManager:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: cold boots carry on, retry later
             reason = str(exc) if isinstance(exc, TemplateError | LaunchError) else f"{type(exc).__name__}: {exc}"
-            await self._failed(flavor.name, template, f"template build failed: {reason}")
+            logs = await asyncio.to_thread(self._keep_logs, work, flavor.name)
+            await self._failed(flavor.name, template, f"template build failed: {reason} (its console and VMM logs: "
+                                                      f"{logs})")
             self.rt.metrics.template_builds.labels(flavor.name, "failed").inc()
             return
         finally:
@@ -245,7 +250,8 @@ class TemplateManager:
                 raise TemplateError(f"the template VM's {launcher.describe_exit(vm, code)}")
             if time.monotonic() > deadline:
                 raise TemplateError(f"the template VM's agent was not ready within {self.settings.boot_timeout_s:g}s;"
-                                    f" see {vm.console_path} for its boot log, or raise PCLITE_BOOT_TIMEOUT_S")
+                                    " its console log says how far the guest got; raise PCLITE_BOOT_TIMEOUT_S if it "
+                                    "was merely slow")
             if os.path.exists(vm.api_socket):
                 with contextlib.suppress(*vmm_errors()):
                     status = await blocking(client.wait_agent_ready, 1.0)
@@ -258,6 +264,15 @@ class TemplateManager:
             return await blocking(client.snapshot, str(work / "snapshot"), False, SNAPSHOT_TIMEOUT_S)
         except vmm_errors() as exc:
             raise TemplateError(f"the template VM refused the snapshot: {exc}") from None
+
+    def _keep_logs(self, work: Path, flavor_name: str) -> Path:
+        """A failed build's logs outlive its work directory: <vm_dir>/template-<flavor>/ (the last failure's)."""
+        logs = self.settings.vm_dir / f"template-{flavor_name}"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name in ("console.log", "vmm.log"):
+            with contextlib.suppress(OSError):
+                os.replace(work / name, logs / name)
+        return logs
 
     def _install(self, snapshot: Path, name: str, spec: dict) -> None:
         """Move the finished snapshot into place (a rename: restores never see half a template)."""

@@ -203,6 +203,23 @@ def test_a_failed_restore_invalidates_the_template_once_and_backs_off(runtime):
     assert "truncated" in message and "cold-booted" in message and "rebuilt in 5s" in message
 
 
+def test_a_template_build_waits_for_quota_room(runtime, workdir):
+    manager = runtime.templates
+    runtime.settings.max_guest_mem_mib = 200
+    kernel, initrd = files(workdir)
+    f = flavor(mem_mib=128, kernel=kernel, initrd=initrd)
+    with runtime.db.write() as s:
+        s.add(VM(id="vm-000000000001", flavor="f", flavor_generation=1, pooled=True, state="claimed", vcpus=1,
+                 mem_mib=128, api_socket="/s", console_path="/c", created_at=utcnow()))
+    asyncio.run(manager._observe(f))
+    template = manager.templates["f"]
+    assert template.state == T.PENDING and template.task is None, "no template VM beyond the quota"
+    assert template.error == ("template build waits for quota: 128 MiB of guest memory in use + 128 MiB > max "
+                              "200 MiB (PCLITE_MAX_GUEST_MEM_MIB)")
+    runtime.settings.max_guest_mem_mib = 16384
+    assert runtime.inv.no_room_for(128) is None
+
+
 def test_gc_keeps_current_and_used_templates_and_removes_the_rest(runtime):
     root = runtime.settings.templates_dir
     for name in ("f-000000000001", "f-000000000002", "f-000000000003", "g-000000000004", "h-000000000005",
@@ -278,6 +295,8 @@ def test_pclited_falls_back_to_cold_boot_when_a_template_does_not_restore(workdi
             template = api.get("/v1/flavors/lab").json()["template"]
             assert template["state"] in ("failed", "building") and 2 <= template["failures"] <= 4, template
             assert "template build failed" in template["error"] or "restore" in template["error"]
+            logs = data / "vms" / "template-lab"
+            assert "bzImage" in (logs / "vmm.log").read_text(), "a failed build's logs outlive its work directory"
             assert 'pclite_template_builds_total{flavor="lab",result="failed"}' in api.get("/metrics").text
             tried = [e for vm in api.get("/v1/vms", params={"flavor": "lab"}).json()
                      for e in api.get(f"/v1/vms/{vm['id']}/events").json() if "restoring a clone" in e["message"]]
