@@ -143,6 +143,7 @@ class VMOut(BaseModel):
     boot_ms: BootMs | None
     failure_reason: str | None
     source: VMSource = Field("cold", description="cold: booted from its kernel; clone: restored from the template")
+    template: str | None = Field(None, description="a clone's template directory (under data_dir/templates)")
 
 
 class ClaimOut(VMOut):

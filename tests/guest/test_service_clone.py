@@ -89,6 +89,7 @@ def test_clone_pool_templates_refill_change_and_fall_back(service):
         # 2. claim-drain → refilled with clones; each clone answers exec under its own host name
         clone_s, clones = drain_and_refill(service, api, "cl")
         assert {vm["source"] for vm in clones} == {"clone"} == {vm["source"] for vm in ready_vms(api, "cl")}
+        assert {vm["template"] for vm in clones} == {built["dir"]}
         names = {exec_in(api, vm["id"], ["hostname"])["stdout"].decode().strip() for vm in clones}
         assert names == {vm["id"] for vm in clones}, "each clone has its own host name (its VM id)"
         assert all(vm["boot_ms"]["total"] > 0 for vm in clones)

@@ -88,7 +88,8 @@ class ContractStub:
               "api_socket": f"/run/pclite/{vm_id}.sock", "created_at": _now(),
               "ready_at": _now() if state in ("ready", "claimed") else None,
               "claimed_at": _now() if state == "claimed" else None, "stopped_at": None,
-              "boot_ms": boot if state != "booting" else None, "failure_reason": None, "source": "cold"}
+              "boot_ms": boot if state != "booting" else None, "failure_reason": None, "source": "cold",
+              "template": None}
         self.vms[vm_id] = vm
         self.consoles[vm_id] = console or f"[    0.000000] Linux version 6.1.0-pclite\npclite-init: agent up {vm_id}\n"
         self.event(vm_id, flavor, "created", "VMM started")
@@ -440,7 +441,7 @@ def test_stub_flavor_vm_and_exec_shapes_match_the_contract(stub):
     flavor_keys = {"name", "kernel", "initrd", "cmdline_extra", "vcpus", "mem_mib", "pool_min", "pool_target",
                    "max_age_s", "clone", "template", "created_at", "updated_at"}
     vm_keys = {"id", "flavor", "state", "pid", "api_socket", "created_at", "ready_at", "claimed_at", "stopped_at",
-               "boot_ms", "failure_reason", "source"}
+               "boot_ms", "failure_reason", "source", "template"}
     with serve(stub.app) as url:
         auth = {"Authorization": f"Bearer {stub.token}"}
         created = httpx.post(f"{url}/v1/flavors", json={"name": "small", "vcpus": 1, "mem_mib": 128}, headers=auth)

@@ -49,9 +49,12 @@ def _table_lines(columns: list[str], rows: list[list[Any]]) -> list[str]:
 def describe_vm(client, vm_id: str) -> None:
     vm = client.get_vm(vm_id)
     events = client.events(vm_id)
+    made = [("Source", vm.get("source") or "<unknown>")]
+    if vm.get("template"):
+        made.append(("Template", vm["template"]))
     lines = _fields([
-        ("ID", vm.get("id")), ("Flavor", vm.get("flavor")), ("State", vm.get("state")),
-        ("Source", vm.get("source") or "<unknown>"), ("PID", vm.get("pid") or "<none>"), ("API socket", vm.get("api_socket") or "<none>"),
+        ("ID", vm.get("id")), ("Flavor", vm.get("flavor")), ("State", vm.get("state")), *made,
+        ("PID", vm.get("pid") or "<none>"), ("API socket", vm.get("api_socket") or "<none>"),
         ("Created", _when(vm.get("created_at"))), ("Ready", _when(vm.get("ready_at"))),
         ("Claimed", _when(vm.get("claimed_at"))), ("Stopped", _when(vm.get("stopped_at"))),
     ] + ([("Failure", vm["failure_reason"])] if vm.get("failure_reason") else []))
