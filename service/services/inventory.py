@@ -14,7 +14,19 @@ from sqlalchemy.orm import Session
 
 from service.core.config import Settings
 from service.core.db import Database
-from service.models import CLAIMED, CLONE, COLD, LIVE_STATES, READY, TERMINAL_STATES, VM, Event, Flavor, UTCDateTime, utcnow
+from service.models import (
+    CLAIMED,
+    CLONE,
+    COLD,
+    LIVE_STATES,
+    READY,
+    TERMINAL_STATES,
+    VM,
+    Event,
+    Flavor,
+    UTCDateTime,
+    utcnow,
+)
 from service.services.errors import NotFound, QuotaExceeded
 from service.services.vmm import new_vm_id
 

@@ -31,7 +31,8 @@ def vm_row(vm: dict) -> list[Any]:
 
 
 def vm_wide(vm: dict) -> list[Any]:
-    return [vm.get("source") or "<unknown>", vm.get("pid") or "<none>", _boot(vm, "vmm_setup"), _boot(vm, "kernel"), _boot(vm, "init_to_agent"),
+    return [vm.get("source") or "<unknown>", vm.get("pid") or "<none>", _boot(vm, "vmm_setup"), _boot(vm, "kernel"),
+            _boot(vm, "init_to_agent"),
             output.age(vm.get("claimed_at")) if vm.get("claimed_at") else "<none>",
             vm.get("failure_reason") or "<none>"]
 
