@@ -38,6 +38,7 @@ SOCKET_DIR = "tpl"  # under run_dir; scan_vmms only looks at run_dir's own entri
 BUILD_PREFIX = ".build-"  # a build in progress; such a directory found at start-up is a crashed build
 GC_EVERY_S = 5.0
 SNAPSHOT_TIMEOUT_S = 300.0  # writing guest RAM (holes skipped) over a slow disk
+SNAPSHOT_TRIES = 3
 PENDING, BUILDING, READY, FAILED, DISABLED = "pending", "building", "ready", "failed", "disabled"
 STATES = (DISABLED, PENDING, BUILDING, READY, FAILED)
 
@@ -259,11 +260,16 @@ class TemplateManager:
             await asyncio.sleep(0.02)
         # A cold boot of the flavor like any other: its phases count (clones have no kernel or init phase).
         self.rt.metrics.observe_boot(flavor.name, boot_phases(status.get("timeline_ms")) or {}, source=None)
-        # Right at agent-ready the agent is idle (the snapshot refuses otherwise); not resumed: it stops next.
-        try:
-            return await blocking(client.snapshot, str(work / "snapshot"), False, SNAPSHOT_TIMEOUT_S)
-        except vmm_errors() as exc:
-            raise TemplateError(f"the template VM refused the snapshot: {exc}") from None
+        # The agent must be idle (the snapshot refuses otherwise) and the vCPUs must pause within 5 s (a starved
+        # host may miss it): a few tries before giving up. Not resumed: the template VM stops next.
+        for attempt in range(1, SNAPSHOT_TRIES + 1):
+            try:
+                return await blocking(client.snapshot, str(work / "snapshot"), False, SNAPSHOT_TIMEOUT_S)
+            except vmm_errors() as exc:
+                if attempt == SNAPSHOT_TRIES:
+                    raise TemplateError(f"the template VM refused the snapshot {attempt} times, last: {exc}") from None
+                log.warning("template %s: snapshot refused (%s); trying again", vm.id, exc)
+                await asyncio.sleep(0.5)
 
     def _keep_logs(self, work: Path, flavor_name: str) -> Path:
         """A failed build's logs outlive its work directory: <vm_dir>/template-<flavor>/ (the last failure's)."""

@@ -50,6 +50,15 @@ def ready_vms(api, flavor: str) -> list[dict]:
     return api.get("/v1/vms", params={"flavor": flavor, "state": "ready"}).json()
 
 
+def story(service, api, flavor: str) -> str:
+    """What happened to the flavor's VMs, for a failed assertion."""
+    lines = [f"template: {template(api, flavor)}"]
+    for vm in api.get("/v1/vms", params={"flavor": flavor}).json():
+        lines += [f"{vm['id']} {vm['state']} {vm['source']}: {e['kind']}: {e['message']}"
+                  for e in api.get(f"/v1/vms/{vm['id']}/events").json()]
+    return "\n".join(lines) + f"\npclited log tail:\n{service.log()[-3000:]}"
+
+
 def template(api, flavor: str) -> dict:
     return api.get(f"/v1/flavors/{flavor}").json()["template"]
 
@@ -66,6 +75,16 @@ def drain_and_refill(service, api, flavor: str) -> tuple[float, list[dict]]:
 
 
 def test_clone_pool_templates_refill_change_and_fall_back(service):
+    try:
+        scenario(service)
+    except AssertionError:  # the service's data goes with the test: say what happened to the pools first
+        with contextlib.suppress(Exception), service.client() as api:
+            for flavor in api.get("/v1/flavors").json():
+                print(f"--- {flavor['name']}\n{story(service, api, flavor['name'])}")
+        raise
+
+
+def scenario(service):
     data = service.data_dir
     run_dir = data / "run"
     with service.client(timeout=STEP_S) as api:
