@@ -93,6 +93,7 @@ class Template:
     error: str | None = None
     failures: int = 0  # consecutive failed builds or restores of this key
     backoff_until: float = 0.0  # monotonic
+    started: float = 0.0  # monotonic, when the current build started
     task: asyncio.Task | None = None
 
     @property
@@ -140,9 +141,10 @@ class TemplateManager:
             return None, None
         if template.state == READY:
             return template.dir_name, None
-        if template.state in (PENDING, BUILDING) and template.failures == 0:
+        slow = template.state == BUILDING and time.monotonic() - template.started > self.settings.boot_timeout_s
+        if template.state in (PENDING, BUILDING) and template.failures == 0 and not slow:
             return None, f"waiting for template {template.dir_name} to be built"
-        return None, None
+        return None, None  # cold boots: after a failure, or while a build takes longer than a boot may
 
     # --- the loop (called by the pool's tick) ---------------------------------------------------------------
     async def tick(self, flavors: list[Flavor], live_templates: set[str]) -> None:
@@ -183,7 +185,7 @@ class TemplateManager:
             if full := await asyncio.to_thread(self.rt.inv.no_room_for, flavor.mem_mib):
                 template.error = f"template build waits for quota: {full}"  # the pool could not boot either
                 return
-            template.state = BUILDING
+            template.state, template.started = BUILDING, time.monotonic()
             template.task = asyncio.create_task(self._build(flavor, template), name=f"template-{flavor.name}")
 
     def _replace(self, old: Template, new: Template) -> Template:

@@ -168,8 +168,10 @@ def test_plan_waits_for_the_first_template_clones_when_ready_and_falls_back_cold
     assert manager.plan(f) == (None, None)  # nothing known yet: cold
     template = manager.templates["f"] = T.Template("f", key="0123456789ab")
     assert manager.plan(f) == (None, "waiting for template f-0123456789ab to be built")
-    template.state = T.BUILDING
+    template.state, template.started = T.BUILDING, time.monotonic()
     assert manager.plan(f)[0] is None and manager.plan(f)[1]
+    template.started -= runtime.settings.boot_timeout_s + 1  # a build slower than any boot: stop waiting for it
+    assert manager.plan(f) == (None, None)
     template.state = T.READY
     assert manager.plan(f) == ("f-0123456789ab", None)
     assert manager.plan(flavor(clone=False)) == (None, None)
