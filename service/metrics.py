@@ -33,12 +33,29 @@ class Metrics:
                                 ["reason"], registry=r)
         self.vmm_crashes = Counter("pclite_vmm_crashes", "VMM processes that died without being asked to",
                                    registry=r)
+        # Clone pools (issue 7): how VMs were made and what their templates are doing.
+        self.boot_to_ready = Histogram("pclite_boot_to_ready_seconds", "VMM start to agent ready, by how the VM "
+                                       "was made (cold: booted; clone: restored from the template)",
+                                       ["flavor", "source"], buckets=BUCKETS, registry=r)
+        self.clone_fallbacks = Counter("pclite_clone_fallbacks", "Clones that failed to restore and were "
+                                       "cold-booted instead", ["flavor"], registry=r)
+        self.template_state = Gauge("pclite_template_state", "Clone template state per flavor (1 = current state)",
+                                    ["flavor", "state"], registry=r)
+        self.template_builds = Counter("pclite_template_builds", "Template builds (boot + snapshot) by result",
+                                       ["flavor", "result"], registry=r)
+        self.template_build = Histogram("pclite_template_build_seconds", "Time to build a template: cold boot to "
+                                        "agent ready, snapshot, stop", ["flavor"], buckets=BUCKETS, registry=r)
         for state in VM_STATES:
             self.vms.labels(state).set(0)
         self._flavors: set[str] = set()
+        self._template_flavors: set[str] = set()
         self._exits_seen: dict[str, dict[str, int]] = {}
 
-    def observe_boot(self, flavor: str, boot_ms: dict) -> None:
+    def observe_boot(self, flavor: str, boot_ms: dict, source: str | None = "cold") -> None:
+        """A VM reached its agent (source None: a template VM, which is no pool VM). A clone has no kernel or init
+        phase: it adds to vmm_setup (up to its state restored) and total only."""
+        if boot_ms.get("total") is not None and source is not None:
+            self.boot_to_ready.labels(flavor, source).observe(boot_ms["total"] / 1000)
         for phase in BOOT_PHASES:
             if boot_ms.get(phase) is not None:
                 self.boot_phase.labels(phase, flavor).observe(boot_ms[phase] / 1000)
@@ -53,6 +70,18 @@ class Metrics:
             self.pool_ready.labels(flavor).set(ready)
             self.pool_target.labels(flavor).set(target)
         self._flavors = set(pools)
+
+    def set_templates(self, states: dict[str, str]) -> None:
+        """{flavor: template state}: one series per state, 1 for the current one; gone flavors lose theirs."""
+        from service.services.templates import STATES
+        for flavor in self._template_flavors - set(states):
+            for state in STATES:
+                with contextlib.suppress(KeyError):
+                    self.template_state.remove(flavor, state)
+        for flavor, current in states.items():
+            for state in STATES:
+                self.template_state.labels(flavor, state).set(1 if state == current else 0)
+        self._template_flavors = set(states)
 
     def set_vm_states(self, counts: dict[str, int]) -> None:
         for state in VM_STATES:

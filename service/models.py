@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The VM state machine: booting → ready → claimed → stopping → stopped, and failed from any live state.
@@ -12,6 +12,9 @@ BOOTING, READY, CLAIMED, STOPPING, STOPPED, FAILED = "booting", "ready", "claime
 VM_STATES = (BOOTING, READY, CLAIMED, STOPPING, STOPPED, FAILED)
 LIVE_STATES = (BOOTING, READY, CLAIMED, STOPPING)  # a VMM process exists (or should) and counts against quotas
 TERMINAL_STATES = (STOPPED, FAILED)
+# How a VM was made: booted from its kernel, or restored from its flavor's template snapshot.
+COLD, CLONE = "cold", "clone"
+SOURCES = (COLD, CLONE)
 
 
 def utcnow() -> datetime:
@@ -52,6 +55,8 @@ class Flavor(Base):
     pool_min: Mapped[int] = mapped_column(Integer, default=0)
     pool_target: Mapped[int] = mapped_column(Integer, default=0)
     max_age_s: Mapped[int] = mapped_column(Integer, default=0)
+    # Refill the pool from clones of a template VM snapshotted at agent-ready (cold boots are the fallback).
+    clone: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # Bumped when what a VM boots changes (kernel, initrd, cmdline, size): older pooled VMs get retired.
     generation: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -67,6 +72,9 @@ class VM(Base):
     flavor: Mapped[str] = mapped_column(String(63))
     flavor_generation: Mapped[int] = mapped_column(Integer, default=1)
     pooled: Mapped[bool] = mapped_column(Boolean, default=True)  # False: cold-booted for one claim
+    source: Mapped[str] = mapped_column(String(8), default=COLD, server_default=COLD)
+    # The template snapshot directory (its name under data_dir/templates) a clone maps: kept while VMs use it.
+    template: Mapped[str | None] = mapped_column(String(255))
     state: Mapped[str] = mapped_column(String(16), index=True)
     vcpus: Mapped[int] = mapped_column(Integer)
     mem_mib: Mapped[int] = mapped_column(Integer)

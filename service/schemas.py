@@ -16,6 +16,7 @@ MAX_AGE_S = 30 * 86400
 MAX_CMDLINE_EXTRA = 1024
 MAX_EXEC_STDIN = 16 << 20
 VMState = Literal["booting", "ready", "claimed", "stopping", "stopped", "failed"]
+VMSource = Literal["cold", "clone"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -42,6 +43,8 @@ class FlavorSpec(_In):
     pool_min: int = Field(0, ge=0, le=MAX_POOL)
     pool_target: int = Field(1, ge=0, le=MAX_POOL)
     max_age_s: int = Field(3600, ge=0, le=MAX_AGE_S, description="retire pooled VMs older than this; 0 = never")
+    clone: bool = Field(True, description="refill the pool from clones of a template VM snapshotted at agent-ready "
+                                          "(cold boots remain the fallback); false = cold boots only")
 
     _cmdline = field_validator("cmdline_extra")(_check_cmdline)
 
@@ -61,11 +64,28 @@ class FlavorPatch(_In):
     pool_min: int | None = Field(None, ge=0, le=MAX_POOL)
     pool_target: int | None = Field(None, ge=0, le=MAX_POOL)
     max_age_s: int | None = Field(None, ge=0, le=MAX_AGE_S)
+    clone: bool | None = None
 
     @field_validator("cmdline_extra")
     @classmethod
     def _cmdline(cls, value):
         return None if value is None else _check_cmdline(value)
+
+
+TemplateState = Literal["disabled", "pending", "building", "ready", "failed"]
+
+
+class TemplateOut(BaseModel):
+    """A clone flavor's template: the snapshot its pool is refilled from (pclited's view, not stored)."""
+
+    state: TemplateState
+    key: str | None = Field(None, description="hash of everything that changes the guest (kernel, initrd, size...)")
+    dir: str | None = None
+    built_at: datetime | None = None
+    build_ms: float | None = None
+    error: str | None = Field(None, description="why the last build or restore failed")
+    failures: int = Field(0, description="consecutive build or restore failures of this spec")
+    retry_in_s: float | None = None
 
 
 class FlavorOut(BaseModel):
@@ -80,8 +100,10 @@ class FlavorOut(BaseModel):
     pool_min: int
     pool_target: int
     max_age_s: int
+    clone: bool
     created_at: datetime
     updated_at: datetime
+    template: TemplateOut | None = None
 
 
 class PoolOut(BaseModel):
@@ -120,6 +142,8 @@ class VMOut(BaseModel):
     stopped_at: datetime | None
     boot_ms: BootMs | None
     failure_reason: str | None
+    source: VMSource = Field("cold", description="cold: booted from its kernel; clone: restored from the template")
+    template: str | None = Field(None, description="a clone's template directory (under data_dir/templates)")
 
 
 class ClaimOut(VMOut):

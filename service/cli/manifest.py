@@ -24,6 +24,7 @@ SPEC_FIELDS: dict[str, tuple[str, type, int | None]] = {
     "vcpus": ("vcpus", int, 1),
     "memMib": ("mem_mib", int, 64),  # pclited's floor: the guest kernel + agent need it
     "maxAgeSeconds": ("max_age_s", int, 0),  # 0: no age limit
+    "clone": ("clone", bool, None),  # refill from clones of a template VM (default true)
 }
 POOL_FIELDS: dict[str, tuple[str, type, int | None]] = {
     "min": ("pool_min", int, 0),
@@ -78,10 +79,15 @@ def _describe(value: Any) -> str:
 
 def _check_value(doc: _Doc, path: tuple[str, ...], value: Any, kind: type, minimum: int | None,
                  nullable: bool) -> Any:
+    expected = {int: "an integer", bool: "true or false"}.get(kind, "a string")
     if value is None:
         if nullable:
             return None
-        raise doc.fail(path, f"must not be empty (expected {'an integer' if kind is int else 'a string'})")
+        raise doc.fail(path, f"must not be empty (expected {expected})")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise doc.fail(path, f"must be true or false, got {_describe(value)}")
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise doc.fail(path, f"must be an integer, got {_describe(value)}")
@@ -202,7 +208,11 @@ def to_manifest(flavor: dict) -> dict:
     if flavor.get("created_at"):
         doc["metadata"]["creationTimestamp"] = flavor["created_at"]
     doc["spec"] = spec
-    status = {k: flavor[k] for k in ("updated_at",) if flavor.get(k)}
+    status = {}
+    if flavor.get("updated_at"):
+        status["updatedAt"] = flavor["updated_at"]
+    if isinstance(flavor.get("template"), dict):  # read-only: `apply -f` ignores status
+        status["template"] = {k: v for k, v in flavor["template"].items() if v is not None}
     if status:
-        doc["status"] = {"updatedAt": status["updated_at"]}
+        doc["status"] = status
     return doc

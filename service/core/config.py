@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
     degrade_after_failures: int = Field(2, ge=1)
+    # Clone templates: a failed build or restore is retried after this, doubling per failure up to the max.
+    template_backoff_s: float = Field(5.0, gt=0)
+    template_backoff_max_s: float = Field(600.0, gt=0)
     terminal_retention_s: float = Field(86400.0, ge=0)  # stopped/failed VM rows and their logs
     vmm_detach: bool = True  # VMMs outlive a pclited restart and are adopted; False: they die with it
     # Fork VMMs from a pre-imported server: no interpreter start per VM (~1 s of a lab boot). False: a fresh
@@ -68,6 +71,7 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'pclite.db'}"
         if self.backoff_max_s < self.backoff_base_s:
             self.backoff_max_s = self.backoff_base_s
+        self.template_backoff_max_s = max(self.template_backoff_max_s, self.template_backoff_s)
         return self
 
     @property
@@ -77,6 +81,11 @@ class Settings(BaseSettings):
     @property
     def vm_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def templates_dir(self) -> Path:
+        """Clone flavors' template snapshots: <flavor>-<spec hash>/{state.json,memory}."""
+        return self.data_dir / "templates"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:

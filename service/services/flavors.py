@@ -100,7 +100,7 @@ class FlavorService:
 
     def patch(self, name: str, patch: FlavorPatch) -> Flavor:
         changes = patch.model_dump(exclude_unset=True)
-        for field in ("vcpus", "mem_mib", "pool_min", "pool_target", "max_age_s", "cmdline_extra"):
+        for field in ("vcpus", "mem_mib", "pool_min", "pool_target", "max_age_s", "cmdline_extra", "clone"):
             if field in changes and changes[field] is None:
                 raise Invalid(f"{field} cannot be null")
         with self.db.write() as s:

@@ -14,7 +14,19 @@ from sqlalchemy.orm import Session
 
 from service.core.config import Settings
 from service.core.db import Database
-from service.models import CLAIMED, LIVE_STATES, READY, TERMINAL_STATES, VM, Event, Flavor, UTCDateTime, utcnow
+from service.models import (
+    CLAIMED,
+    CLONE,
+    COLD,
+    LIVE_STATES,
+    READY,
+    TERMINAL_STATES,
+    VM,
+    Event,
+    Flavor,
+    UTCDateTime,
+    utcnow,
+)
 from service.services.errors import NotFound, QuotaExceeded
 from service.services.vmm import new_vm_id
 
@@ -77,7 +89,7 @@ class Inventory:
     def live_brief(self) -> list:
         """Live VMs as light rows (no ORM objects): what the loops that run several times a second need."""
         columns = (VM.id, VM.flavor, VM.flavor_generation, VM.pooled, VM.state, VM.pid, VM.api_socket,
-                   VM.console_path, VM.created_at, VM.ready_at)
+                   VM.console_path, VM.created_at, VM.ready_at, VM.source, VM.template)
         with self.db.read() as s:
             return list(s.execute(select(*columns).where(VM.state.in_(LIVE_STATES)).order_by(VM.created_at)))
 
@@ -101,7 +113,7 @@ class Inventory:
         return counts
 
     # --- writes ---------------------------------------------------------------------------------------------
-    def new_vm(self, flavor: Flavor, *, pooled: bool) -> VM:
+    def new_vm(self, flavor: Flavor, *, pooled: bool, template: str | None = None) -> VM:
         """A booting VM row (before its VMM exists: a crash in between leaves a row, never an unknown process)."""
         s_ = self.settings
         with self.db.write() as s:
@@ -118,12 +130,25 @@ class Inventory:
             vm_id = new_vm_id()
             vm = VM(id=vm_id, flavor=flavor.name, flavor_generation=flavor.generation, pooled=pooled,
                     state="booting", vcpus=flavor.vcpus, mem_mib=flavor.mem_mib,
+                    source=CLONE if template else COLD, template=template,
                     api_socket=str(s_.run_dir / f"{vm_id}.sock"),
                     console_path=str(s_.vm_dir / vm_id / "console.log"), created_at=utcnow())
             s.add(vm)
-            add_event(s, "vm.booting", "booting for the pool" if pooled else "cold boot for a claim",
-                      vm_id, flavor.name)
+            how = f"restoring a clone of template {template}" if template else "cold boot"
+            add_event(s, "vm.booting", f"{how} for the pool" if pooled else f"{how} for a claim", vm_id, flavor.name)
         return vm
+
+    def no_room_for(self, mem_mib: int) -> str | None:
+        """Why one more VM of mem_mib would exceed the quotas, or None (a template VM: not a row, but it runs)."""
+        with self.db.read() as s:
+            count, mem = s.execute(select(func.count(), func.coalesce(func.sum(VM.mem_mib), 0))
+                                   .where(VM.state.in_(LIVE_STATES))).one()
+        if count + 1 > self.settings.max_vms:
+            return f"{count} of max {self.settings.max_vms} VMs are running or booting (PCLITE_MAX_VMS)"
+        if mem + mem_mib > self.settings.max_guest_mem_mib:
+            return (f"{mem} MiB of guest memory in use + {mem_mib} MiB > max {self.settings.max_guest_mem_mib} MiB "
+                    "(PCLITE_MAX_GUEST_MEM_MIB)")
+        return None
 
     def claim(self, flavor_name: str) -> tuple[Row | None, Flavor | None]:
         """Atomically take the oldest ready VM of the flavor's current spec: (vm, None) on a hit, (None, flavor)

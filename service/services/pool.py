@@ -14,11 +14,12 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.models import BOOTING, CLAIMED, FAILED, READY, TERMINAL_STATES, VM, Flavor, utcnow
+from service.models import BOOTING, CLAIMED, CLONE, COLD, FAILED, READY, TERMINAL_STATES, VM, Flavor, utcnow
 from service.services.errors import QuotaExceeded, Unavailable
-from service.services.vmm import LaunchError, blocking, boot_phases, vmm_errors
+from service.services.vmm import VMM_LOG, LaunchError, blocking, boot_phases, vmm_errors
 
 if TYPE_CHECKING:
     from service.services.runtime import Runtime
@@ -32,12 +33,18 @@ class PoolHealth:
     backoff_until: float = 0.0  # monotonic
     last_error: str | None = None
     quota: str | None = None  # why a refill was refused, while it is
+    waiting: str | None = None  # why refills wait (the flavor's first template is being built)
 
 
 class BootError(Exception):
-    def __init__(self, reason: str, code: int | None = None, crashed: bool = False) -> None:
+    def __init__(self, reason: str, code: int | None = None, crashed: bool = False, started: bool = True) -> None:
         super().__init__(reason)
         self.reason, self.code, self.crashed = reason, code, crashed
+        self.started = started  # False: no VMM ran (nothing to say about a clone's template)
+
+
+class _Released(Exception):
+    """The VM left BOOTING while its VMM was being started (it was deleted)."""
 
 
 class PoolManager:
@@ -80,6 +87,7 @@ class PoolManager:
     async def tick(self) -> None:
         flavors = await asyncio.to_thread(self.rt.flavors.list)
         live = await asyncio.to_thread(self.rt.inv.live_brief)
+        await self.rt.templates.tick(flavors, {vm.template for vm in live if vm.template})
         by_flavor: dict[str, list[VM]] = defaultdict(list)
         for vm in live:
             by_flavor[vm.flavor].append(vm)
@@ -131,7 +139,7 @@ class PoolManager:
     async def _refill(self, flavor: Flavor, deficit: int) -> None:
         health = self.health[flavor.name]
         if deficit <= 0:
-            health.quota = None
+            health.quota = health.waiting = None
             return
         if time.monotonic() < health.backoff_until:
             return
@@ -139,9 +147,12 @@ class PoolManager:
         if health.failures:  # probing a failing flavor: one boot at a time
             in_flight = any(self.boots[i].get_name() == flavor.name for i in self.refills if i in self.boots)
             slots = 0 if in_flight else min(slots, 1)
+        template, health.waiting = self.rt.templates.plan(flavor)
+        if health.waiting:  # the first template of this spec is on its way: clones will be much quicker
+            return
         for _ in range(min(deficit, slots)):
             try:
-                vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=True)
+                vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=True, template=template)
             except QuotaExceeded as exc:
                 health.quota = exc.detail
                 return
@@ -163,19 +174,20 @@ class PoolManager:
         return task
 
     async def _boot(self, vm: VM, flavor: Flavor, adopted: bool) -> VM | None:
-        """Start the VMM (unless adopted) and wait for its agent. Returns the VM ready, or claimed when a claimant
-        waits for it; None when it failed or was stopped meanwhile."""
+        """Start the VMM (unless adopted) and wait for its agent; a clone that fails to restore is cold-booted
+        instead. Returns the VM ready, or claimed when a claimant waits for it; None when it failed or was stopped
+        meanwhile."""
         try:
-            if not adopted:
-                try:
-                    proc = await blocking(self.rt.launcher.spawn, vm, flavor)
-                except (LaunchError, OSError) as exc:
-                    raise BootError(f"could not start the VMM: {exc}") from exc
-                vm.pid = proc.pid
-                await asyncio.to_thread(self.rt.inv.update, vm.id, pid=proc.pid)
-                if (await asyncio.to_thread(self.rt.inv.get, vm.id)).state != BOOTING:
-                    return await self._release(vm)  # deleted while its VMM was being started
-            status = await self._wait_agent(vm, grace_s=min(5.0, self.settings.boot_timeout_s) if adopted else 0.0)
+            try:
+                status = await self._start(vm, flavor, adopted)
+            except BootError as exc:
+                if vm.source != CLONE or not exc.started:
+                    raise
+                if not await self._fall_back(vm, flavor, exc):
+                    return await self._release(vm)
+                status = await self._start(vm, flavor, False, since=utcnow())
+        except _Released:
+            return await self._release(vm)
         except BootError as exc:
             return await self._boot_failed(vm, flavor, exc)
         except asyncio.CancelledError:
@@ -185,11 +197,42 @@ class PoolManager:
             return await self._boot_failed(vm, flavor, BootError(f"internal error: {exc!r}"))
         return await self._booted(vm, flavor, status)
 
-    async def _wait_agent(self, vm: VM, grace_s: float) -> dict:
+    async def _start(self, vm: VM, flavor: Flavor, adopted: bool, since=None) -> dict:
+        if not adopted:
+            try:
+                proc = await blocking(self.rt.launcher.spawn, vm, flavor)
+            except (LaunchError, OSError) as exc:
+                raise BootError(f"could not start the VMM: {exc}", started=False) from exc
+            vm.pid = proc.pid
+            await asyncio.to_thread(self.rt.inv.update, vm.id, pid=proc.pid)
+            if (await asyncio.to_thread(self.rt.inv.get, vm.id)).state != BOOTING:
+                raise _Released  # deleted while its VMM was being started
+        return await self._wait_agent(vm, grace_s=min(5.0, self.settings.boot_timeout_s) if adopted else 0.0,
+                                      since=since)
+
+    async def _fall_back(self, vm: VM, flavor: Flavor, error: BootError) -> bool:
+        """The clone did not come up: record why, invalidate its template, make the VM a cold boot. False when the
+        VM left BOOTING meanwhile (deleted)."""
+        template = vm.template
+        log.warning("%s (%s): restore from template %s failed, cold-booting instead: %s", vm.id, flavor.name,
+                    template, error.reason)
+        await blocking(self.rt.launcher.stop, vm, 1.0)  # a clone that hangs must not linger
+        vm_dir = Path(vm.console_path).parent
+        with contextlib.suppress(OSError):  # its own log: the cold boot's failure must not quote the restore's
+            os.replace(vm_dir / VMM_LOG, vm_dir / "vmm-restore.log")
+        vm.source, vm.template, vm.pid = COLD, None, None
+        moved = await asyncio.to_thread(
+            self.rt.inv.transition, vm.id, (BOOTING,), BOOTING,
+            [("vm.clone_fallback", f"restore from template {template} failed ({error.reason}); cold-booting instead")],
+            source=COLD, template=None, pid=None)
+        await self.rt.templates.restore_failed(flavor.name, template, error.reason)
+        return moved is not None
+
+    async def _wait_agent(self, vm: VM, grace_s: float, since=None) -> dict:
         """The VMM's status once its agent is ready; BootError when the VMM dies or the boot times out. The
-        timeout counts from the VM's creation (an adopted VM gets grace_s more, it may have been close)."""
+        timeout counts from the VM's creation, or `since` (an adopted VM gets grace_s more, it may have been close)."""
         launcher = self.rt.launcher
-        elapsed = (utcnow() - vm.created_at).total_seconds()
+        elapsed = (utcnow() - (since or vm.created_at)).total_seconds()
         deadline = time.monotonic() + max(grace_s, self.settings.boot_timeout_s - elapsed)
         client, last_error = None, None
         while True:
@@ -220,11 +263,12 @@ class PoolManager:
 
     async def _booted(self, vm: VM, flavor: Flavor, status: dict) -> VM | None:
         timeline = status.get("timeline_ms") or {}
-        phases = boot_phases(timeline)
+        phases = boot_phases(timeline, vm.source)
         now = utcnow()
         fields = {"ready_at": now, "boot_ms": phases, "timeline_ms": timeline, "pid": status.get("pid") or vm.pid}
         total = (phases or {}).get("total")
-        ready_msg = f"agent ready (boot {total:.0f} ms)" if total is not None else "agent ready"
+        how = "restored" if vm.source == CLONE else "boot"
+        ready_msg = f"agent ready ({how} {total:.0f} ms)" if total is not None else "agent ready"
         if self.claim_waiters.pop(vm.id, False):
             final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (BOOTING,), CLAIMED,
                                             [("vm.ready", ready_msg), ("vm.claimed", "cold-booted for a claim (miss)")],
@@ -234,7 +278,7 @@ class PoolManager:
                                             [("vm.ready", ready_msg)], pooled=True, **fields)
         if final is None:
             return await self._release(vm)  # stopped while booting
-        self.rt.metrics.observe_boot(flavor.name, phases or {})
+        self.rt.metrics.observe_boot(flavor.name, phases or {}, vm.source)
         self.rt.metrics.record_exits(vm.id, status.get("exits") or {})
         if total is not None:
             self.boot_s_estimate = 0.8 * self.boot_s_estimate + 0.2 * total / 1000
@@ -309,8 +353,9 @@ class PoolManager:
             raise Unavailable(f"flavor {flavor_name} is degraded ({self.degraded_reason(flavor)}): fix it with "
                               f"PUT/PATCH /v1/flavors/{flavor_name} or retry later", self.retry_after(flavor_name),
                               slug="flavor-degraded")
-        try:
-            vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=False)
+        try:  # a clone if the template is ready (the claimant waits less), else a cold boot
+            vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=False,
+                                         template=self.rt.templates.plan(flavor)[0])
         except QuotaExceeded:
             metrics.claims.labels(flavor_name, "error").inc()
             raise
@@ -352,6 +397,7 @@ class PoolManager:
 
     def pool_status(self, flavor: Flavor, counts: Counter) -> dict:
         reason = self.degraded_reason(flavor, counts[READY])
+        waiting = self.health[flavor.name].waiting  # not degraded: it is how a clone pool starts
         return {"flavor": flavor.name, "target": flavor.pool_target, "min": flavor.pool_min, "ready": counts[READY],
                 "booting": counts[BOOTING], "claimed": counts[CLAIMED], "state": "degraded" if reason else "ok",
-                "reason": reason}
+                "reason": "; ".join(r for r in (reason, waiting) if r) or None}

@@ -13,6 +13,7 @@ from service.services.inventory import Inventory
 from service.services.pool import PoolManager
 from service.services.rootfs import RootfsService
 from service.services.supervisor import Supervisor
+from service.services.templates import TemplateManager
 from service.services.vmm import Launcher
 from service.services.vms import VmService
 
@@ -28,6 +29,7 @@ class Runtime:
         self.flavors = FlavorService(self.db, settings)
         self.launcher = Launcher(settings)
         self.pool = PoolManager(self)
+        self.templates = TemplateManager(self)
         self.supervisor = Supervisor(self)
         self.vms = VmService(self)
         self.rootfs = RootfsService(self)
@@ -38,6 +40,7 @@ class Runtime:
         for path in (self.settings.run_dir, self.settings.vm_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.supervisor.reconcile()
+        await asyncio.to_thread(self.templates.start)
         self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("pool", self.pool.run()), ("supervisor", self.supervisor.run()), ("health", self.supervisor.run_health()))]
         self.ready = True
@@ -45,7 +48,8 @@ class Runtime:
     async def stop(self) -> None:
         """Stop pclited's own tasks. VMMs keep running (detached) and are adopted by the next start."""
         self.ready = False
-        tasks = self._tasks + list(self.pool.boots.values()) + list(self.supervisor.stops.values())
+        tasks = (self._tasks + list(self.pool.boots.values()) + list(self.supervisor.stops.values())
+                 + self.templates.tasks())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.models import BOOTING, CLAIMED, FAILED, LIVE_STATES, READY, STOPPED, STOPPING, VM, utcnow
+from service.models import BOOTING, CLAIMED, CLONE, FAILED, LIVE_STATES, READY, STOPPED, STOPPING, VM, utcnow
 from service.services.errors import NotFound
 from service.services.vmm import blocking
 
@@ -26,6 +26,7 @@ log = logging.getLogger("pclited")
 PRUNE_EVERY_S = 300.0
 SWEEP_EVERY_S = 30.0
 VM_ID = re.compile(r"vm-\w{12}")
+CLONE_GRACE_S = 90.0  # a clone that exits 1 this soon after ready failed its restore (identity), not its work
 
 
 class Supervisor:
@@ -98,6 +99,10 @@ class Supervisor:
                 self.rt.metrics.vmm_crashes.inc()
         if final is not None:
             log.warning("%s (%s): %s", vm.id, vm.flavor, reason)
+            young = vm.ready_at is not None and (utcnow() - vm.ready_at).total_seconds() < CLONE_GRACE_S
+            if getattr(vm, "source", None) == CLONE and vm.template and code == 1 and young:
+                # The restored guest refused its identity (restore.py fails closed with 1): the template is bad.
+                await self.rt.templates.restore_failed(vm.flavor, vm.template, reason, fallback=False)
             launcher.cleanup(vm)
             self.rt.metrics.forget_vm(vm.id)
             self.rt.pool.wake()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from service.core.config import Settings
-from service.models import VM, Flavor
+from service.models import CLONE, COLD, VM, Flavor
 
 log = logging.getLogger("pclited")
 BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=agent"
@@ -74,8 +74,9 @@ def vmm_errors() -> tuple[type[BaseException], ...]:
     return (client.VmmError, LaunchError, OSError)
 
 
-def boot_phases(timeline_ms: dict | None) -> dict | None:
-    """Per-phase milliseconds from the VMM's timeline (keys appear as reached)."""
+def boot_phases(timeline_ms: dict | None, source: str = COLD) -> dict | None:
+    """Per-phase milliseconds from the VMM's timeline (keys appear as reached). A clone loads no kernel: its
+    set-up runs to `restored` (snapshot read, state back) and it has no kernel or init phase."""
     t = timeline_ms or {}
 
     def span(start: str, end: str) -> float | None:
@@ -83,8 +84,12 @@ def boot_phases(timeline_ms: dict | None) -> dict | None:
             return round(t[end] - t[start], 3)
         return None
 
-    phases = {"vmm_setup": span("process_start", "first_kvm_run"), "kernel": span("first_kvm_run", "init_reached"),
-              "init_to_agent": span("init_reached", "agent_ready"), "total": span("process_start", "agent_ready")}
+    if source == CLONE:
+        phases = {"vmm_setup": span("process_start", "restored"), "kernel": None, "init_to_agent": None,
+                  "total": span("process_start", "agent_ready")}
+    else:
+        phases = {"vmm_setup": span("process_start", "first_kvm_run"), "kernel": span("first_kvm_run", "init_reached"),
+                  "init_to_agent": span("init_reached", "agent_ready"), "total": span("process_start", "agent_ready")}
     return phases if any(v is not None for v in phases.values()) else None
 
 
@@ -128,8 +133,13 @@ def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
     return paths
 
 
+def _in_dir(path: str, prefix: str) -> bool:
+    """Directly in the directory: VMs' sockets are; the fork server's and template VMs' live in subdirectories."""
+    return path.startswith(prefix) and "/" not in path[len(prefix):]
+
+
 def scan_vmms(run_dir: Path) -> dict[str, int]:
-    """{socket path: pid} of every VMM process (fresh or forked) whose API socket is under run_dir."""
+    """{socket path: pid} of every VMM process (fresh or forked) whose API socket is directly in run_dir."""
     prefix = str(run_dir) + "/"
     found: dict[str, int] = {}
     table = None
@@ -141,12 +151,12 @@ def scan_vmms(run_dir: Path) -> dict[str, int]:
             continue
         if "--api-sock" in args:
             index = args.index("--api-sock")
-            if index + 1 < len(args) and args[index + 1].startswith(prefix):
+            if index + 1 < len(args) and _in_dir(args[index + 1], prefix):
                 found[args[index + 1]] = int(entry.name)
         elif "forkserver" in args:  # the server itself, or a VMM it forked: known by its bound socket
             table = listening_unix_sockets() if table is None else table
             for path in unix_sockets_of(int(entry.name), table):
-                if path.startswith(prefix) and not path.endswith(FORKSERVER_SOCKET):
+                if _in_dir(path, prefix):
                     found[path] = int(entry.name)
     return found
 
@@ -184,24 +194,31 @@ class Launcher:
                 self._defaults = (str(image), str(build_initramfs()))
             return self._defaults
 
-    def command(self, vm: VM, flavor: Flavor) -> list[str]:
-        try:
-            from hypervisor.launch import vmm_command  # the lean interpreter start (skips site)
-        except ImportError:
-            return [sys.executable, "-m", "hypervisor", *self.vmm_args(vm, flavor)]
-        return vmm_command(self.vmm_args(vm, flavor))
+    def boot_args(self, flavor: Flavor, api_socket: str, console_path: str, detach: bool) -> list[str]:
+        """`run` arguments that cold-boot the flavor (pool VMs and template VMs alike)."""
+        kernel, initrd = self.boot_files(flavor)
+        cmdline = f"{BASE_CMDLINE} {flavor.cmdline_extra}".strip()
+        args = ["run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline, "--mem", str(flavor.mem_mib),
+                "--vcpus", str(flavor.vcpus), "--api-sock", api_socket, "--console", console_path, "--timeline"]
+        return args + (["--detach"] if detach else [])
 
-    def vmm_args(self, vm: VM, flavor: Flavor) -> list[str]:
+    def boot_files(self, flavor: Flavor) -> tuple[str, str]:
         kernel, initrd = flavor.kernel, flavor.initrd
         if kernel is None or initrd is None:
             default_kernel, default_initrd = self.default_artifacts()
             kernel, initrd = kernel or default_kernel, initrd or default_initrd
-        cmdline = f"{BASE_CMDLINE} {flavor.cmdline_extra}".strip()
-        args = ["run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline, "--mem", str(vm.mem_mib),
-                "--vcpus", str(vm.vcpus), "--api-sock", vm.api_socket, "--console", vm.console_path, "--timeline"]
+        return kernel, initrd
+
+    def vmm_args(self, vm: VM, flavor: Flavor) -> list[str]:
         # Detached, a VMM outlives a pclited restart and is adopted; otherwise it stops when pclited exits.
-        args += ["--detach"] if self.settings.vmm_detach else []
-        return args
+        detach = ["--detach"] if self.settings.vmm_detach else []
+        if vm.source == CLONE:  # the clone's own host name: the VM id (the template's is everybody's)
+            return ["restore", "--from", str(self.settings.templates_dir / vm.template), "--api-sock", vm.api_socket,
+                    "--console", vm.console_path, "--hostname", vm.id, "--timeline", *detach]
+        # The VM's own size (its row), which is the flavor's of its generation.
+        args = self.boot_args(flavor, vm.api_socket, vm.console_path, False)
+        args[args.index("--mem") + 1], args[args.index("--vcpus") + 1] = str(vm.mem_mib), str(vm.vcpus)
+        return args + detach
 
     def forkserver(self) -> str | None:
         """The VMM fork server's socket, starting the server when needed; None when disabled or not up (yet).
@@ -235,31 +252,36 @@ class Launcher:
     def spawn(self, vm: VM, flavor: Flavor):
         """Start the VM's VMM (forked by the fork server when it is up, else a fresh process); returns a
         Popen-like object (pid, poll)."""
-        argv = self.command(vm, flavor)
+        args = self.vmm_args(vm, flavor)
         vm_dir = Path(vm.console_path).parent
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        Path(vm.api_socket).parent.mkdir(parents=True, exist_ok=True)
+        proc = self.start_process(args, vm.api_socket, vm_dir, vm_dir / VMM_LOG)
+        self.children[vm.id] = proc
+        log.info("started VMM pid %d for %s (%s)", proc.pid, vm.id, vm.source)
+        return proc
+
+    def start_process(self, args: list[str], api_socket: str, cwd: Path, log_path: Path):
+        """A VMM process for `args` (hypervisor's CLI), its output appended to log_path."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        Path(api_socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(vm.api_socket)
+            os.unlink(api_socket)
         server = self.forkserver()
-        with open(vm_dir / VMM_LOG, "ab") as out:
-            proc, forked = None, False
+        with open(log_path, "ab") as out:
             if server:
                 from hypervisor.forkserver import ForkServerError, spawn
                 try:  # the forked VMM gets its own session too
                     with open(os.devnull, "rb") as devnull:
-                        proc = spawn(server, self.vmm_args(vm, flavor), devnull.fileno(), out.fileno(),
-                                     out.fileno(), cwd=str(vm_dir))
-                    forked = True
+                        return spawn(server, args, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd))
                 except ForkServerError as exc:
                     log.warning("VMM fork server: %s; starting a fresh VMM process instead", exc)
-            if proc is None:
-                # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vm_dir,
-                                        start_new_session=True, close_fds=True)
-        self.children[vm.id] = proc
-        log.info("started VMM pid %d for %s%s", proc.pid, vm.id, " (forked)" if forked else "")
-        return proc
+            try:
+                from hypervisor.launch import vmm_command  # the lean interpreter start (skips site)
+                argv = vmm_command(args)
+            except ImportError:
+                argv = [sys.executable, "-m", "hypervisor", *args]
+            # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
+                                    start_new_session=True, close_fds=True)
 
     # --- watching -------------------------------------------------------------------------------------------
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:

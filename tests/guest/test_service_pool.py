@@ -75,7 +75,8 @@ def live_inventory(api) -> dict[str, dict]:
 def test_warm_pool_claim_exec_delete_crash_and_restart(service):
     run_dir = service.data_dir / "run"
     with service.client(timeout=STEP_S) as api:
-        created = api.post("/v1/flavors", json={"name": "lab", "mem_mib": 128, "pool_target": 2})
+        # Cold pools (clone: false): clone pools have their own test, test_service_clone.py.
+        created = api.post("/v1/flavors", json={"name": "lab", "mem_mib": 128, "pool_target": 2, "clone": False})
         assert created.status_code == 201, created.text
 
         # 1. target 2 → 2 ready
@@ -130,7 +131,7 @@ def test_warm_pool_claim_exec_delete_crash_and_restart(service):
         service.wait_for(lambda: pool(api, "lab")["ready"] == 2, STEP_S, message="a refill after the crash")
 
         # 7. cold boot: a miss that waits
-        api.post("/v1/flavors", json={"name": "cold", "mem_mib": 128, "pool_target": 0})
+        api.post("/v1/flavors", json={"name": "cold", "mem_mib": 128, "pool_target": 0, "clone": False})
         cold = api.post("/v1/vms", json={"flavor": "cold", "wait": True})
         assert cold.status_code == 201, cold.text
         assert cold.json()["claim"] == "miss" and cold.json()["boot_ms"]["total"] > 0

@@ -47,7 +47,7 @@ class ContractStub:
     """In-memory flavors, VMs and events behind the contract's routes. Tests seed and inspect it directly."""
 
     FLAVOR_DEFAULTS = {"kernel": None, "initrd": None, "cmdline_extra": "", "vcpus": 1, "mem_mib": 256,
-                       "pool_min": 0, "pool_target": 1, "max_age_s": 3600}
+                       "pool_min": 0, "pool_target": 1, "max_age_s": 3600, "clone": True}
     FLAVOR_FIELDS = set(FLAVOR_DEFAULTS)
 
     def __init__(self, token: str = TOKEN):
@@ -74,7 +74,8 @@ class ContractStub:
     # -- seeding -----------------------------------------------------------------------------------------------
 
     def add_flavor(self, name: str, **fields) -> dict:
-        flavor = {"name": name, **self.FLAVOR_DEFAULTS, **fields, "created_at": _now(), "updated_at": _now()}
+        flavor = {"name": name, **self.FLAVOR_DEFAULTS, **fields, "created_at": _now(), "updated_at": _now(),
+                  "template": {"state": "pending", "failures": 0}}
         self.flavors[name] = flavor
         return flavor
 
@@ -87,7 +88,8 @@ class ContractStub:
               "api_socket": f"/run/pclite/{vm_id}.sock", "created_at": _now(),
               "ready_at": _now() if state in ("ready", "claimed") else None,
               "claimed_at": _now() if state == "claimed" else None, "stopped_at": None,
-              "boot_ms": boot if state != "booting" else None, "failure_reason": None}
+              "boot_ms": boot if state != "booting" else None, "failure_reason": None, "source": "cold",
+              "template": None}
         self.vms[vm_id] = vm
         self.consoles[vm_id] = console or f"[    0.000000] Linux version 6.1.0-pclite\npclite-init: agent up {vm_id}\n"
         self.event(vm_id, flavor, "created", "VMM started")
@@ -437,9 +439,9 @@ def test_stub_answers_problem_json_and_needs_the_bearer_token(stub):
 
 def test_stub_flavor_vm_and_exec_shapes_match_the_contract(stub):
     flavor_keys = {"name", "kernel", "initrd", "cmdline_extra", "vcpus", "mem_mib", "pool_min", "pool_target",
-                   "max_age_s", "created_at", "updated_at"}
+                   "max_age_s", "clone", "template", "created_at", "updated_at"}
     vm_keys = {"id", "flavor", "state", "pid", "api_socket", "created_at", "ready_at", "claimed_at", "stopped_at",
-               "boot_ms", "failure_reason"}
+               "boot_ms", "failure_reason", "source", "template"}
     with serve(stub.app) as url:
         auth = {"Authorization": f"Bearer {stub.token}"}
         created = httpx.post(f"{url}/v1/flavors", json={"name": "small", "vcpus": 1, "mem_mib": 128}, headers=auth)

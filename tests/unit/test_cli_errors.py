@@ -134,7 +134,7 @@ def test_malformed_manifest_file_names_file_line_and_field_and_applies_nothing(c
                     "  memMb: 128\n")
     line = one_error_line(cli("apply", "-f", str(path), ok=False))
     assert line == (f"error: {path}:14: document 2 (flavor/bad): spec.memMb: unknown field (allowed here: "
-                    f"cmdlineExtra, initrd, kernel, maxAgeSeconds, memMib, pool, vcpus)")
+                    f"clone, cmdlineExtra, initrd, kernel, maxAgeSeconds, memMib, pool, vcpus)")
     assert "good" not in stub.flavors  # checked before anything was sent
     assert not any(method == "POST" for method, _ in stub.requests)
 

@@ -170,7 +170,8 @@ def test_get_vms_tables_and_documents_parse_back(cli, stub):
     assert table[0].split() == ["ID", "FLAVOR", "STATE", "BOOT", "AGE"]
     assert table[1].split()[:4] == [ready["id"], "default", "ready", "137ms"]
     assert lines(cli("get", "vms", "-o", "wide").stdout)[0].split()[5:] == [
-        "PID", "VMM-SETUP", "KERNEL", "INIT-TO-AGENT", "CLAIMED", "REASON"]
+        "SOURCE", "PID", "VMM-SETUP", "KERNEL", "INIT-TO-AGENT", "CLAIMED", "REASON"]
+    assert lines(cli("get", "vms", "-o", "wide").stdout)[1].split()[5:7] == ["cold", str(ready["pid"])]
     listed = json.loads(cli("get", "vms", "-o", "json").stdout)
     assert listed["kind"] == "List" and [v["id"] for v in listed["items"]] == list(stub.vms)
     assert yaml.safe_load(cli("get", "vms", "-o", "yaml").stdout) == listed

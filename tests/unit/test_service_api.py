@@ -17,7 +17,7 @@ import yaml
 from tests.support.servers import Pclited, database_url, short_tmpdir
 
 FLAVOR_KEYS = {"name", "kernel", "initrd", "cmdline_extra", "vcpus", "mem_mib", "pool_min", "pool_target",
-               "max_age_s", "created_at", "updated_at"}
+               "max_age_s", "clone", "template", "created_at", "updated_at"}
 POOL_KEYS = {"flavor", "target", "min", "ready", "booting", "claimed", "state", "reason"}
 METRICS = ("pclite_boot_phase_seconds", "pclite_claim_seconds", "pclite_claims_total", "pclite_pool_ready",
            "pclite_pool_target", "pclite_vms", "pclite_vm_exits_total", "pclite_vmm_crashes_total")
@@ -105,6 +105,7 @@ def test_flavor_crud(api):
     assert (body["kernel"], body["initrd"], body["vcpus"], body["mem_mib"]) == (None, None, 2, 128)
     assert_problem(api.post("/v1/flavors", json={"name": "crud", "pool_target": 0}), 409, "already exists", "PUT")
     assert "crud" in [f["name"] for f in api.get("/v1/flavors").json()]
+    assert body["clone"] is True and body["template"]["state"] == "pending"  # no pool (target 0): nothing to build
     assert api.get("/v1/flavors/crud").json() == body
     patched = api.patch("/v1/flavors/crud", json={"max_age_s": 60})
     assert patched.status_code == 200 and patched.json()["max_age_s"] == 60 and patched.json()["vcpus"] == 2

@@ -49,8 +49,11 @@ def _table_lines(columns: list[str], rows: list[list[Any]]) -> list[str]:
 def describe_vm(client, vm_id: str) -> None:
     vm = client.get_vm(vm_id)
     events = client.events(vm_id)
+    made = [("Source", vm.get("source") or "<unknown>")]
+    if vm.get("template"):
+        made.append(("Template", vm["template"]))
     lines = _fields([
-        ("ID", vm.get("id")), ("Flavor", vm.get("flavor")), ("State", vm.get("state")),
+        ("ID", vm.get("id")), ("Flavor", vm.get("flavor")), ("State", vm.get("state")), *made,
         ("PID", vm.get("pid") or "<none>"), ("API socket", vm.get("api_socket") or "<none>"),
         ("Created", _when(vm.get("created_at"))), ("Ready", _when(vm.get("ready_at"))),
         ("Claimed", _when(vm.get("claimed_at"))), ("Stopped", _when(vm.get("stopped_at"))),
@@ -64,6 +67,21 @@ def describe_vm(client, vm_id: str) -> None:
     _print_lines(lines)
 
 
+def template_summary(template: dict | None) -> str:
+    if not template:
+        return "<unknown>"
+    parts = [template.get("state") or "<unknown>"]
+    if template.get("dir"):
+        parts.append(template["dir"])
+    if template.get("build_ms") is not None:
+        parts.append(f"built in {template['build_ms'] / 1000:.1f}s")
+    if template.get("error"):
+        parts.append(template["error"])
+    if template.get("retry_in_s"):
+        parts.append(f"retry in {template['retry_in_s']:.0f}s")
+    return ", ".join(parts)
+
+
 def describe_flavor(client, name: str) -> None:
     flavor = client.get_flavor(name)
     pool = client.get_pool(name)
@@ -73,6 +91,8 @@ def describe_flavor(client, name: str) -> None:
         ("Initrd", flavor.get("initrd") or "<default>"), ("Cmdline extra", flavor.get("cmdline_extra") or "<none>"),
         ("vCPUs", flavor.get("vcpus")), ("Memory", f"{flavor.get('mem_mib')} MiB"),
         ("Max age", f"{flavor['max_age_s']}s" if flavor.get("max_age_s") else "<none>"),
+        ("Clone", "yes" if flavor.get("clone", True) else "no (cold boots only)"),
+        ("Template", template_summary(flavor.get("template"))),
         ("Created", _when(flavor.get("created_at"))), ("Updated", _when(flavor.get("updated_at"))),
     ])
     pool_lines = _fields([

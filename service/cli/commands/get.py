@@ -31,7 +31,8 @@ def vm_row(vm: dict) -> list[Any]:
 
 
 def vm_wide(vm: dict) -> list[Any]:
-    return [vm.get("pid") or "<none>", _boot(vm, "vmm_setup"), _boot(vm, "kernel"), _boot(vm, "init_to_agent"),
+    return [vm.get("source") or "<unknown>", vm.get("pid") or "<none>", _boot(vm, "vmm_setup"), _boot(vm, "kernel"),
+            _boot(vm, "init_to_agent"),
             output.age(vm.get("claimed_at")) if vm.get("claimed_at") else "<none>",
             vm.get("failure_reason") or "<none>"]
 
@@ -41,8 +42,15 @@ def flavor_row(f: dict) -> list[Any]:
             _max_age(f.get("max_age_s")), output.age(f.get("created_at"))]
 
 
+def _template(f: dict) -> str:
+    template = f.get("template") or {}
+    state = template.get("state") or "<unknown>"
+    return f"{state} (retry in {template['retry_in_s']:.0f}s)" if template.get("retry_in_s") else state
+
+
 def flavor_wide(f: dict) -> list[Any]:
-    return [f.get("kernel") or "<default>", f.get("initrd") or "<default>", f.get("cmdline_extra") or "<none>"]
+    return ["yes" if f.get("clone", True) else "no", _template(f), f.get("kernel") or "<default>",
+            f.get("initrd") or "<default>", f.get("cmdline_extra") or "<none>"]
 
 
 def pool_row(p: dict) -> list[Any]:
@@ -56,9 +64,9 @@ def pool_wide(p: dict) -> list[Any]:
 
 TABLES: dict[str, tuple[str, list[str], list[str], Callable, Callable]] = {
     "vms": ("id", ["ID", "FLAVOR", "STATE", "BOOT", "AGE"],
-            ["PID", "VMM-SETUP", "KERNEL", "INIT-TO-AGENT", "CLAIMED", "REASON"], vm_row, vm_wide),
+            ["SOURCE", "PID", "VMM-SETUP", "KERNEL", "INIT-TO-AGENT", "CLAIMED", "REASON"], vm_row, vm_wide),
     "flavors": ("name", ["NAME", "VCPUS", "MEMORY", "POOL-MIN", "POOL-TARGET", "MAX-AGE", "AGE"],
-                ["KERNEL", "INITRD", "CMDLINE-EXTRA"], flavor_row, flavor_wide),
+                ["CLONE", "TEMPLATE", "KERNEL", "INITRD", "CMDLINE-EXTRA"], flavor_row, flavor_wide),
     "pools": ("flavor", ["FLAVOR", "READY", "BOOTING", "CLAIMED", "MIN", "STATE"], ["REASON"], pool_row, pool_wide),
 }
 
