@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     terminal_retention_s: float = Field(86400.0, ge=0)  # stopped/failed VM rows and their logs
     vmm_detach: bool = True  # VMMs outlive a pclited restart and are adopted; False: they die with it
     vmm_forkserver: bool = True  # fork VMMs from a pre-imported server (no interpreter start per VM)
+    # Pool refills boot at this nice value (0: as pclited) and get the normal priority back when claimed: a refill
+    # is background work and must not slow the claimed VMs' containers down on a host short of CPUs.
+    refill_nice: int = Field(10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -8,7 +8,6 @@ import errno
 import os
 import time
 
-from service.runtime import oci
 from service.runtime.main import (
     FLAVOR_ANNOTATION,
     START_TIMEOUT_S,
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
 # ---- create / start
 
 def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci  # only the commands that read specs pay for it
     c = container_of(root, positional)
     bundle = os.path.abspath(one(opts, "bundle", "b") or os.getcwd())
     try:
@@ -296,6 +296,7 @@ def cmd_update(root: str, opts: dict, positional: list[str], log: Log) -> int:
 
 
 def cmd_features(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci
     print_json({"ociVersionMin": "1.0.0", "ociVersionMax": "1.1.0", "hooks": [],
                 "mountOptions": sorted(oci.MS_FLAGS), "linux": {
                     "namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
@@ -344,6 +345,7 @@ def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
 # ---- exec
 
 def cmd_exec(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci
     c = container_of(root, positional)
     state = c.load()
     status = c.status(state)

@@ -80,10 +80,10 @@ class Relay:
                 raise Unreachable("the VMM closed the process stream (did the VM stop?)")
 
     def _output(self, line: dict) -> None:
-        import base64
+        from binascii import a2b_base64
         for key, fd in (("stdout_b64", self.out_fd), ("stderr_b64", self.err_fd)):
             if key in line and fd >= 0:
-                _write_all(fd, base64.b64decode(line[key]))
+                _write_all(fd, a2b_base64(line[key]))
 
     def _stdin(self) -> bool:
         """Forward what stdin has; False once it is closed (its end is forwarded too, except for a terminal)."""

@@ -3,13 +3,15 @@ control socket (mounts, host name, interactive processes).
 
 Hand-rolled rather than http.client, which imports the email package: ~0.5 s per runtime start in the lab, and
 containerd starts the runtime four times for a `ctr run --rm`. For the same reason it uses _socket (socket.py
-imports enum) and imports json only when a body needs it.
+imports enum), and service.runtime.jsonlite rather than json (which imports re).
 """
 
 from __future__ import annotations
 
 import _socket
 import os
+
+from service.runtime.jsonlite import dumps, loads
 
 CHUNK = 65536
 
@@ -134,8 +136,7 @@ class Response:
                 self._done = True
                 break
         *complete, self._body = self._body.split(b"\n")
-        import json
-        lines = [json.loads(line) for line in complete if line.strip()]
+        lines = [loads(line) for line in complete if line.strip()]
         return None if self._done and not lines else lines
 
     def next_lines(self) -> list[dict] | None:
@@ -156,8 +157,7 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
     stream=True returns the open Response; body_fd: the body is what that fd gives until its end, sent chunked."""
     data = raw if raw is not None else b""
     if body is not None:
-        import json
-        data = json.dumps(body).encode()
+        data = dumps(body).encode()
     host = "localhost" if address.startswith("unix:") else address.split("://", 1)[-1].split("/", 1)[0]
     length = "Transfer-Encoding: chunked" if body_fd is not None else f"Content-Length: {len(data)}"
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", length]
@@ -188,14 +188,12 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
         raise WireError(_problem_text(payload, response.status), response.status)
     if not parse or not payload or not response.headers.get("content-type", "").endswith("json"):
         return None
-    import json
-    return json.loads(payload)
+    return loads(payload)
 
 
 def _problem_text(payload: bytes, status: int) -> str:
-    import json
     try:
-        data = json.loads(payload)
+        data = loads(payload)
         return data.get("detail") or data.get("error") or str(data)
     except (ValueError, AttributeError):
         return f"HTTP {status}: {payload[:300].decode(errors='replace')}"
@@ -319,8 +317,9 @@ class Vmm:
                               f"stopped") from None
 
     def stdin(self, exec_id: int, data: bytes, eof: bool = False) -> None:
-        import base64
-        self.call("POST", "/exec/stdin", {"exec_id": exec_id, "data_b64": base64.b64encode(data).decode(), "eof": eof})
+        from binascii import b2a_base64
+        self.call("POST", "/exec/stdin", {"exec_id": exec_id, "data_b64": b2a_base64(data, newline=False).decode(),
+                                          "eof": eof})
 
     def signal(self, exec_id: int, signo: int) -> None:
         self.call("POST", "/exec/signal", {"exec_id": exec_id, "signal": signo})

@@ -7,6 +7,8 @@ lives and dies with one VM, so crash consistency buys nothing and the journal wo
 Images are cached by the tree's metadata (paths, modes, owners, sizes, mtimes, link targets; containerd hands every
 container of an image a fresh copy of the same tree): a hit costs the walk plus a sparse copy instead of mke2fs.
 A file rewritten in place with its size and mtime kept would be missed; a container engine's snapshots never do that.
+Directory mtimes are left out of the key: a snapshotter's copy (containerd's native one) sets them at copy time, so
+with them no two containers would share an image; a hit shows the directory mtimes of the copy that built it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -38,7 +41,7 @@ MS_RDONLY = 1
 DEFAULT_FREE_MIB = 64  # room the container gets for its writes, on top of what the image holds
 MAX_TAR_BYTES = 16 << 30
 MKE2FS_HINT = "install e2fsprogs (Debian: apt-get install e2fsprogs; `make deps`)"
-CACHE_RECIPE = "pclite-rootfs/1 ext4 b4096 m0 no-journal"  # part of every cache key: bump when mke2fs_command changes
+CACHE_RECIPE = "pclite-rootfs/2 ext4 b4096 m0 no-journal"  # part of every cache key: bump when mke2fs_command changes
 CACHE_KEEP = 8
 
 
@@ -59,8 +62,9 @@ def measure(root: Path) -> tuple[int, int, str]:
                 st = os.lstat(path)
                 used += (st.st_size + 4095) & ~4095
                 link = os.readlink(path) if os.path.islink(path) else ""
+                mtime = 0 if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns  # see the module's docstring
                 digest.update(f"{os.path.relpath(path, root)}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}"
-                              f"\0{st.st_mtime_ns}\0{st.st_rdev}\0{link}\0".encode(errors="surrogateescape"))
+                              f"\0{mtime}\0{st.st_rdev}\0{link}\0".encode(errors="surrogateescape"))
     return used, inodes, digest.hexdigest()[:32]
 
 

@@ -161,9 +161,45 @@ def is_vmm(pid: int | None, socket_path: str) -> bool:
     return socket_path in args or ("forkserver" in args and socket_path in unix_sockets_of(pid))
 
 
+def can_raise_priority() -> bool:
+    """Whether this process may lower a nice value again (root, CAP_SYS_NICE, or RLIMIT_NICE up to nice 0)."""
+    if os.geteuid() == 0:
+        return True
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+        if caps >> 23 & 1:  # CAP_SYS_NICE
+            return True
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or soft >= 20  # the lowest nice allowed is 20 - soft
+
+
+def set_nice(pid: int, nice: int) -> bool:
+    """Renice every thread of a process: nice is per thread on Linux (new threads inherit their creator's)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # gone: nothing left to renice
+    done = True
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # that thread ended meanwhile
+            pass
+        except OSError:  # EPERM/EACCES: we may not
+            done = False
+    return done
+
+
 class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.refill_nice = settings.refill_nice
+        if self.refill_nice and not can_raise_priority():
+            log.warning("refill_nice=%d is off: pclited could not give a claimed VM its priority back (needs root, "
+                        "CAP_SYS_NICE or RLIMIT_NICE of 20); set refill_nice: 0 to silence this", self.refill_nice)
+            self.refill_nice = 0
         self.children: dict[str, subprocess.Popen] = {}  # VMMs this pclited started: reaped here
         self._defaults: tuple[str, str] | None = None
         self._lock = threading.Lock()
@@ -258,8 +294,15 @@ class Launcher:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vm_dir,
                                         start_new_session=True, close_fds=True)
         self.children[vm.id] = proc
-        log.info("started VMM pid %d for %s%s", proc.pid, vm.id, " (forked)" if forked else "")
+        niced = bool(vm.pooled and self.refill_nice and set_nice(proc.pid, self.refill_nice))
+        log.info("started VMM pid %d for %s%s%s", proc.pid, vm.id, " (forked)" if forked else "",
+                 f" at nice {self.refill_nice}" if niced else "")
         return proc
+
+    def foreground(self, vm: VM) -> None:
+        """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill)."""
+        if self.refill_nice and vm.pid and not set_nice(vm.pid, 0):
+            log.warning("could not renice VMM pid %s of %s to 0: it keeps running at low priority", vm.pid, vm.id)
 
     # --- watching -------------------------------------------------------------------------------------------
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:
