@@ -1,8 +1,6 @@
 """The runtime's commands. Each either finishes its job or raises RuntimeFailure with the one line to show, having
 undone what it started (a claimed VM is released, a half-made state directory removed)."""
 
-from __future__ import annotations
-
 import _signal
 import errno
 import os
@@ -10,7 +8,6 @@ import time
 
 from service.runtime.main import (
     FLAVOR_ANNOTATION,
-    START_TIMEOUT_S,
     Usage,
     container_of,
     now_iso,
@@ -18,8 +15,8 @@ from service.runtime.main import (
     print_json,
     signal_number,
 )
-from service.runtime.state import Container, Log, RuntimeFailure, alive, remove_tree, start_time, write_atomic
-from service.runtime.wire import Pclited, Unreachable, Vmm, WireError
+from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
+from service.runtime.wire import Pclited, Vmm, WireError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -126,7 +123,7 @@ def _init_standin(c: Container, vmm: Vmm, process: dict, log: Log) -> None:
     _relay_and_exit(relay, log, c.id)
 
 
-def _relay_and_exit(relay: Relay, log: Log, cid: str, parent: int | None = None) -> None:
+def _relay_and_exit(relay: "Relay", log: Log, cid: str, parent: int | None = None) -> None:
     from service.runtime import standin
     try:
         result = relay.run()
@@ -196,33 +193,6 @@ def _write_pid_file(opts: dict, pid: int) -> None:
     path = one(opts, "pid-file")
     if path:
         write_atomic(path, str(pid))
-
-
-def cmd_start(root: str, opts: dict, positional: list[str], log: Log) -> int:
-    c = container_of(root, positional)
-    state = c.load_lean()
-    status = c.status(state)
-    if status != "created":
-        raise RuntimeFailure(f"cannot start container {c.id}: it is {status}, not created")
-    try:
-        fd = os.open(c.path("exec.fifo"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot start container {c.id}: its stand-in process is not waiting "
-                             f"({exc.strerror}): delete it and create it again") from None
-    os.write(fd, b"0")
-    os.close(fd)
-    started = time.monotonic()
-    deadline = started + START_TIMEOUT_S
-    while not os.path.exists(c.path("init.json")):
-        if os.path.exists(c.path("init.error")):
-            with open(c.path("init.error")) as f:
-                raise RuntimeFailure(f"start {c.id}: {f.read().strip()}")
-        if not alive(state["pid"], state["start_time"]) or time.monotonic() > deadline:
-            raise RuntimeFailure(f"start {c.id}: the stand-in process ended before the guest process started "
-                                 f"(see the log{': ' + state['log'] if state.get('log') else ''})")
-        time.sleep(0.003)
-    log.info(f"start {c.id}: the guest process runs after {(time.monotonic() - started) * 1000:.0f} ms")
-    return 0
 
 
 # ---- inspecting and signalling
@@ -302,43 +272,6 @@ def cmd_features(root: str, opts: dict, positional: list[str], log: Log) -> int:
                     "namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
                     "seccomp": {"enabled": False}, "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
                 "annotations": {"io.github.pclite.runtime": "microvm", FLAVOR_ANNOTATION: "the VM flavor to claim"}})
-    return 0
-
-
-# ---- delete
-
-def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
-    c = container_of(root, positional)
-    force = bool(opts.get("force") or opts.get("f"))
-    if not c.exists():
-        if force:
-            remove_tree(c.dir)
-            return 0
-        raise RuntimeFailure(f"container {c.id} does not exist")
-    state = c.load_lean()
-    status = c.status(state)
-    if status != "stopped" and not force:
-        raise RuntimeFailure(f"cannot delete container {c.id} that is not stopped: {status}")
-    if force:
-        for pid, started in [(state.get("pid"), state.get("start_time"))] + \
-                [(pid, record.get("start_time")) for pid, record in c.execs().items()]:
-            if alive(pid, started):
-                try:  # noqa: SIM105 - contextlib costs start-up time
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-    started = time.monotonic()
-    try:
-        Pclited(state.get("server")).release(state["vm_id"])
-    except Unreachable as exc:
-        if not force:
-            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
-        log.warning(f"delete {c.id}: VM {state['vm_id']} is left to pclited: {exc}")
-    except WireError as exc:
-        if exc.status != 404:  # 404: pclited no longer knows it
-            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
-    remove_tree(c.dir)
-    log.info(f"delete {c.id}: VM {state['vm_id']} released in {(time.monotonic() - started) * 1000:.0f} ms")
     return 0
 
 

@@ -3,8 +3,6 @@ of every runtime start in the lab. The C accelerator _json does the parsing (jso
 strings; the rest is a few lines. Falls back to json where _json is missing.
 """
 
-from __future__ import annotations
-
 WHITESPACE = " \t\n\r"
 
 try:

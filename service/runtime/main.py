@@ -16,8 +16,6 @@ The VM's flavor comes from the annotation `pclite.flavor` (default `default`); p
 PCLITE_TOKEN, else pclitectl's config file. Errors: one line on stderr and in --log; exit 1 (2 for bad usage).
 """
 
-from __future__ import annotations
-
 import sys
 import time
 
@@ -109,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 not container_of(root, positional).exists():
             code = 0  # containerd's cleanup after every task delete: answer before importing anything more
         else:
-            from service.runtime import commands
+            if command in ("start", "delete"):
+                from service.runtime import light as commands
+            else:
+                from service.runtime import commands
             code = getattr(commands, "cmd_" + command)(root, cmd_options, positional, log) or 0
         if log.copy:
             _log_duration(log, command, positional, entered)

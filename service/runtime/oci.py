@@ -4,8 +4,6 @@ The VM is the container's sandbox, so namespaces, cgroups, seccomp, capabilities
 to and are ignored; host bind mounts cannot reach into a VM and are skipped (logged by the caller).
 """
 
-from __future__ import annotations
-
 import os
 
 from service.runtime.jsonlite import loads

@@ -6,8 +6,6 @@ terminal resize), and finally exits the way the guest process did: same exit cod
 One thread and one poll loop: signals arrive through a wakeup pipe.
 """
 
-from __future__ import annotations
-
 import _signal
 import errno
 import fcntl

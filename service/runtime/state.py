@@ -11,8 +11,6 @@ identity checks that survive pid reuse.
   <root>/<id>/paused          present while the VM is paused
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import time

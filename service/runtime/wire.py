@@ -3,15 +3,11 @@ control socket (mounts, host name, interactive processes).
 
 Hand-rolled rather than http.client, which imports the email package: ~0.5 s per runtime start in the lab, and
 containerd starts the runtime four times for a `ctr run --rm`. For the same reason it uses _socket (socket.py
-imports enum), and service.runtime.jsonlite rather than json (which imports re).
+imports enum), and service.runtime.jsonlite (only when a body needs it) rather than json, which imports re.
 """
-
-from __future__ import annotations
 
 import _socket
 import os
-
-from service.runtime.jsonlite import dumps, loads
 
 CHUNK = 65536
 
@@ -136,6 +132,7 @@ class Response:
                 self._done = True
                 break
         *complete, self._body = self._body.split(b"\n")
+        from service.runtime.jsonlite import loads
         lines = [loads(line) for line in complete if line.strip()]
         return None if self._done and not lines else lines
 
@@ -157,6 +154,7 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
     stream=True returns the open Response; body_fd: the body is what that fd gives until its end, sent chunked."""
     data = raw if raw is not None else b""
     if body is not None:
+        from service.runtime.jsonlite import dumps
         data = dumps(body).encode()
     host = "localhost" if address.startswith("unix:") else address.split("://", 1)[-1].split("/", 1)[0]
     length = "Transfer-Encoding: chunked" if body_fd is not None else f"Content-Length: {len(data)}"
@@ -188,10 +186,12 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
         raise WireError(_problem_text(payload, response.status), response.status)
     if not parse or not payload or not response.headers.get("content-type", "").endswith("json"):
         return None
+    from service.runtime.jsonlite import loads
     return loads(payload)
 
 
 def _problem_text(payload: bytes, status: int) -> str:
+    from service.runtime.jsonlite import loads
     try:
         data = loads(payload)
         return data.get("detail") or data.get("error") or str(data)
