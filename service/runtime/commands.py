@@ -52,15 +52,17 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
                  "vm_id": vm["id"], "api_socket": vm["api_socket"], "server": pclited.server, "log": log.path,
                  "log_format": log.fmt}
         c.save(state)  # from here on `delete --force` can release the VM, whatever happens to this process
-        attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")))
-        attached = attached or {}
-        steps.done("rootfs", f"mke2fs {attached.get('build_ms', 0):.0f} ms, swap and mount "
+        hostname = config.get("hostname") or None
+        attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")), mounts,
+                                         hostname) or {}
+        image = "cached image" if attached.get("cached") else "mke2fs"
+        steps.done("rootfs", f"{image} {attached.get('build_ms', 0):.0f} ms, swap and mount "
                              f"{attached.get('attach_ms', 0):.0f} ms")
         vmm = Vmm(vm["api_socket"])
-        if mounts:
+        if mounts and attached.get("mounts") != len(mounts):  # a tar upload: pclited mounted the rootfs alone
             vmm.mounts(mounts)
-        if config.get("hostname"):
-            vmm.set_hostname(config["hostname"])
+        if hostname and attached.get("hostname") != hostname:
+            vmm.set_hostname(hostname)
         steps.done("mounts")
         for why in skipped:
             log.warning(f"container {c.id}: mount skipped: {why}")

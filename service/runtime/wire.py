@@ -242,14 +242,18 @@ class Pclited:
     def claim(self, flavor: str) -> dict:
         return self.call("POST", "/v1/vms", {"flavor": flavor, "wait": True})
 
-    def attach_rootfs(self, vm_id: str, path: str, read_only: bool) -> dict:
+    def attach_rootfs(self, vm_id: str, path: str, read_only: bool, mounts: list[dict] | None = None,
+                      hostname: str | None = None) -> dict:
         """By path when pclited sees this host's files (PCLITE_ROOTFS_UPLOAD=path), as a tar stream when it does not
-        (=tar); auto (the default): the path, then the tar stream if pclited cannot see the directory."""
+        (=tar); auto (the default): the path, then the tar stream if pclited cannot see the directory. By path,
+        pclited also makes the mounts and sets the host name (the answer's "mounts" and "hostname" say so)."""
         how = os.environ.get("PCLITE_ROOTFS_UPLOAD", "auto")
         if how != "tar":
+            body = {"path": path, "read_only": read_only, "mounts": mounts or []}
+            if hostname:
+                body["hostname"] = hostname
             try:
-                return self.call("POST", f"/v1/vms/{vm_id}/rootfs", {"path": path, "read_only": read_only},
-                                 timeout=600)
+                return self.call("POST", f"/v1/vms/{vm_id}/rootfs", body, timeout=600)
             except WireError as exc:
                 if how == "path" or exc.status != 422 or "pclited host" not in str(exc):
                     raise

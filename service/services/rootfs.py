@@ -154,7 +154,9 @@ class RootfsService:
                            "another container")
         return vm
 
-    async def attach_path(self, vm_id: str, path: str, read_only: bool, size_mib: int | None) -> dict:
+    async def attach_path(self, vm_id: str, path: str, read_only: bool, size_mib: int | None,
+                          mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
+        """mounts, hostname: what the container needs besides its rootfs, done with it (one trip to the VMM)."""
         source = Path(path)
         if not source.is_absolute() or not source.is_dir():
             raise Invalid(f"rootfs path {path} is not an absolute path to a directory on the pclited host: give a "
@@ -163,7 +165,7 @@ class RootfsService:
         vm = await self._claimed(vm_id)
         self._busy.add(vm_id)
         try:
-            return await self._attach(vm, source, read_only, size_mib, {"source": "path"})
+            return await self._attach(vm, source, read_only, size_mib, {"source": "path"}, mounts or [], hostname)
         finally:
             self._busy.discard(vm_id)
 
@@ -212,14 +214,22 @@ class RootfsService:
                           "Content-Type: application/x-tar")
         return received
 
-    async def _attach(self, vm: VM, source: Path, read_only: bool, size_mib: int | None, extra: dict) -> dict:
+    async def _attach(self, vm: VM, source: Path, read_only: bool, size_mib: int | None, extra: dict,
+                      mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
         image = image_path(vm)
         built = await blocking(build_image, source, image, size_mib, self.rt.settings.data_dir / "rootfs-cache")
+        mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
+                   "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
+
+        def swap_and_mount(client) -> None:  # one thread, the mounts in one request: the agent does them in order
+            client.swap_drive(str(image), read_only)
+            client.mounts(mounts)
+            if hostname:
+                client.set_hostname(hostname)
+
         try:
-            client = client_module().VmmClient(vm.api_socket, timeout=30.0)
             started = time.monotonic()
-            await blocking(client.swap_drive, str(image), read_only)
-            await blocking(client.mount, GUEST_DEVICE, GUEST_MOUNTPOINT, "ext4", MS_RDONLY if read_only else 0)
+            await blocking(swap_and_mount, client_module().VmmClient(vm.api_socket, timeout=30.0))
             attach_ms = round((time.monotonic() - started) * 1000, 3)
         except LaunchError as exc:
             raise VmmFailed(str(exc)) from exc
@@ -230,10 +240,12 @@ class RootfsService:
             if isinstance(exc, mod.VmmUnavailable):
                 raise Conflict(f"VM {vm.id}'s VMM is gone ({exc}): delete it and claim another") from exc
             if isinstance(exc, mod.VmmError):
-                raise VmmFailed(f"attaching the rootfs to {vm.id} failed: {exc}") from exc
+                what = "the rootfs and the container's mounts" if len(mounts) > 1 or hostname else "the rootfs"
+                raise VmmFailed(f"attaching {what} to {vm.id} failed: {exc}") from exc
             raise
         await asyncio.to_thread(self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB "
                                 f"image, {built['files']} files, built in {built['build_ms']:.0f} ms)", vm.id,
                                 vm.flavor)
         return {"vm_id": vm.id, "device": GUEST_DEVICE, "mountpoint": GUEST_MOUNTPOINT, "read_only": read_only,
-                "image": str(image), **built, **extra, "attach_ms": attach_ms}
+                "image": str(image), **built, **extra, "attach_ms": attach_ms, "mounts": len(mounts) - 1,
+                "hostname": hostname}

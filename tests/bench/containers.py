@@ -45,7 +45,7 @@ from tests.support.servers import Pclited, short_tmpdir, vmm_processes  # noqa: 
 RUNS = int(os.environ.get("PCLITE_BENCH_RUNS", "10"))
 MEM_MIB = int(os.environ.get("PCLITE_BENCH_MEM_MIB", "128"))
 POOL = 1  # one ready VM is all sequential runs need; fewer L2 VMs keep the lab's emulated CPUs responsive
-STEP = re.compile(r"(claim|rootfs|mounts|stand-in|mke2fs|swap and mount) (\d+) ms")
+STEP = re.compile(r"(claim|rootfs|mounts|stand-in|mke2fs|cached image|swap and mount) (\d+) ms")
 INVOCATION = re.compile(r"^(\w+) \S+: (\d+) ms from exec to exit, (\d+) ms of it before main")
 SERIES = {"nice10": ("refill at nice 10", {"PCLITE_REFILL_NICE": "10"}),
           "nice0": ("refill at nice 0", {"PCLITE_REFILL_NICE": "0"}),

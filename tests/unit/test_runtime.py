@@ -63,8 +63,11 @@ class Fakes:
                 raise HttpError(404, f"flavor {flavor} does not exist")
             return Response(201, {"id": "vm-0123456789ab", "api_socket": self.vmm.path})
         if request.method == "POST" and request.path.endswith("/rootfs"):
-            self.rootfs = request.json()["path"]  # the bundle's rootfs: the stand-in guest's /rootfs
-            return Response(200, {"mountpoint": "/rootfs"})
+            spec = request.json()
+            self.rootfs = spec["path"]  # the bundle's rootfs: the stand-in guest's /rootfs
+            self.attached = spec
+            return Response(200, {"mountpoint": "/rootfs", "mounts": len(spec["mounts"]),
+                                  "hostname": spec.get("hostname")})
         if request.method == "DELETE":
             return Response(200, {"state": "stopped"})
         raise HttpError(404, f"no route {request.path}")
@@ -175,7 +178,10 @@ def reap(pid, timeout=20):
 def test_create_start_relays_output_and_mirrors_the_exit_code(rt, env):
     pid, out, err = rt.create("c1", ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert rt.state("c1")["status"] == "created" and rt.state("c1")["pid"] == pid
-    assert ("POST", "/mounts") in env.calls and ("PUT", "/hostname") in env.calls
+    # the container's mounts and host name go with the rootfs: pclited makes them in the same trip to the VMM
+    assert [m["target"] for m in env.attached["mounts"]] == ["/rootfs/proc", "/rootfs/dev"]
+    assert env.attached["hostname"] == "box"
+    assert ("POST", "/mounts") not in env.calls and ("PUT", "/hostname") not in env.calls
     assert any("/etc/hosts" in line and "bind" in line for line in rt.log.read_text().splitlines())  # skipped
     rt.run("start", "c1")
     assert read_all(out) == b"out\n" and read_all(err) == b"err\n"
