@@ -8,11 +8,8 @@ One thread and one poll loop: signals arrive through a wakeup pipe.
 
 import _signal
 import errno
-import fcntl
 import os
 import select
-import struct
-import termios
 import time
 
 from service.runtime.wire import Unreachable, Vmm, WireError
@@ -144,6 +141,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def window_size(fd: int) -> tuple[int, int] | None:
     try:
+        import fcntl  # terminal-only imports: not paid by the usual pipes
+        import struct
+        import termios
         rows, cols = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))[:2]
     except OSError:
         return None
@@ -152,6 +152,7 @@ def window_size(fd: int) -> tuple[int, int] | None:
 
 def make_raw(fd: int) -> None:
     """No echo, no line editing, no signal keys, no CR/LF changes: the guest's own terminal does all of that."""
+    import termios
     attrs = termios.tcgetattr(fd)
     attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
                   | termios.IGNCR | termios.ICRNL | termios.IXON)
@@ -165,6 +166,8 @@ def make_raw(fd: int) -> None:
 def take_terminal(slave: int) -> None:
     """Become a session leader whose controlling terminal is `slave` (so SIGWINCH reaches us), on stdio."""
     os.setsid()
+    import fcntl
+    import termios
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
