@@ -11,8 +11,8 @@ container's life. Three series, one pclited restarted with other settings betwee
   python tests/bench/containers.py   (as root; in the lab: pclite-lab run -- .venv/bin/python tests/bench/containers.py)
 
 PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_SERIES (all three; a comma-separated subset of
-nice10,nice0,deferred). Before each pclite run the pool is back at its target with no boot in flight, so only the
-refill that run's own claim starts competes with it. The runtime is the lean launcher `make venv` installs
+nice10,nice0,deferred). Before each run the pool is back at its target with no boot in flight: only the refill a
+pclite run's own claim starts competes with it, and nothing with runc's. The runtime is the lean launcher `make venv` installs
 (service/runtime/launcher.py). Its log (PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit and its
 steps (claim, rootfs image and attach, mounts, start, release).
 """
@@ -80,6 +80,7 @@ def run_series(api, containerd: Containerd, runtime: str, name: str) -> tuple[li
     for index in range(RUNS + 1):  # the first pair warms caches up and is not counted
         wait_pool_settled(api)
         took_pclite = timed_run(containerd, f"p{len(name)}-{index}", runtime)
+        wait_pool_settled(api)  # runc's run must not share the CPUs with the refill pclite's claim started
         took_runc = timed_run(containerd, f"r{len(name)}-{index}", None)
         if index:
             pclite.append(took_pclite)
