@@ -109,6 +109,20 @@ def step_medians(log: Path) -> tuple[dict[str, float], dict[str, tuple[float, fl
              for name, values in calls.items()})
 
 
+def summarize(name: str, runs: tuple[list[float], list[float]], medians: tuple[dict, dict], results: dict) -> None:
+    pclite, runc = runs
+    steps, calls = medians
+    ratio = statistics.median(pclite) / statistics.median(runc)
+    results[name] = {"pclite_s": statistics.median(pclite), "runc_s": statistics.median(runc), "ratio": ratio,
+                     "pclite_runs_s": pclite, "runc_runs_s": runc, "steps_ms": steps,
+                     "invocations_ms": {k: {"exec_to_exit": v[0], "before_main": v[1]} for k, v in calls.items()}}
+    print(f"{name}: ctr run --rm IMG true, median of {len(pclite)}: pclite {statistics.median(pclite):.2f} s, runc "
+          f"{statistics.median(runc):.2f} s -> {ratio:.2f}x   [goal <= 2x: {'met' if ratio <= 2 else 'not met'}]")
+    print("  pclite-runtime invocations (median ms from exec to exit / before main()): "
+          + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.0f}" for k, v in calls.items()))
+    print("  pclite-runtime steps (median ms): " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()), flush=True)
+
+
 def main() -> int:
     if os.geteuid() != 0 or missing_tools():
         raise SystemExit(f"run as root with {', '.join(missing_tools()) or 'containerd, ctr, runc'} installed")
@@ -145,6 +159,7 @@ def main() -> int:
                 runtime_log.write_text("")
                 series[name] = run_series(api, containerd, runtime, name)
                 per_series[name] = step_medians(runtime_log)
+                summarize(name, series[name], per_series[name], results)  # now: a lab that dies later keeps it
                 wait_pool_settled(api)
                 claimed += [vm["id"] for vm in api.get("/v1/vms").json() if vm["state"] == "claimed"]
     finally:
@@ -154,17 +169,9 @@ def main() -> int:
         for pid in list(leftovers.values()) + runtime_processes():
             os.kill(pid, 9)
         shutil.rmtree(workdir, ignore_errors=True)
-    for name, (pclite, runc) in series.items():
-        ratio = statistics.median(pclite) / statistics.median(runc)
-        steps, calls = per_series[name]
-        results[name] = {"pclite_s": statistics.median(pclite), "runc_s": statistics.median(runc), "ratio": ratio,
-                         "pclite_runs_s": pclite, "runc_runs_s": runc, "steps_ms": steps,
-                         "invocations_ms": {k: {"exec_to_exit": v[0], "before_main": v[1]} for k, v in calls.items()}}
-        print(f"{name}: ctr run --rm IMG true, median of {RUNS}: pclite {statistics.median(pclite):.2f} s, runc "
-              f"{statistics.median(runc):.2f} s -> {ratio:.2f}x   [goal <= 2x: {'met' if ratio <= 2 else 'not met'}]")
-        print("  pclite-runtime invocations (median ms from exec to exit / before main()): "
-              + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.0f}" for k, v in calls.items()))
-        print("  pclite-runtime steps (median ms): " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()))
+    print("\nsummary:")
+    for name in series:
+        summarize(name, series[name], per_series[name], results)
     if os.environ.get("PCLITE_IN_LAB"):
         print("(lab figures are emulated: compare ratios, not absolute times)")
     (results_dir() / "containers.json").write_text(json.dumps(results, indent=2))
