@@ -81,6 +81,13 @@ def test_api_refuses_what_it_cannot_attach(server, tree):
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": "relative/dir"}), 422,
                        "absolute path to a directory", "tar stream")
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"nope": 1}), 422, "path")
+        proc = {"source": "proc", "target": "/rootfs/proc", "fstype": "proc", "flags": 14}
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "mounts": [proc],
+                                                                        "hostname": "box"}), 404, "vm-000000000000")
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "mounts": [
+            {**proc, "target": "relative"}]}), 422, "mounts")
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "hostname": "x" * 65}),
+                       422, "hostname")
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", content=b"x", headers={"Content-Type": "text/plain"}),
                        422, "application/x-tar")
         big = _tar({"bin/sh": b"x" * (2 << 20)})  # over the 1 MiB body cap of other routes: streamed, not refused
