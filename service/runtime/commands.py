@@ -110,12 +110,13 @@ def _undo_create(c: Container, pclited: Pclited, vm: dict | None, log: Log) -> N
 def _init_standin(c: Container, vmm: Vmm, process: dict, log: Log) -> None:
     """The init stand-in, after the fork: wait for `start`, then run the container's process and mirror it."""
     from service.runtime import standin
+    relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
+    relay.prepare()  # while containerd is on its way to `start`
     fd = os.open(c.path("exec.fifo"), os.O_RDONLY | os.O_CLOEXEC)  # blocks until `start` opens it
     go = os.read(fd, 1)
     os.close(fd)
     if not go:
         os._exit(standin.LOST_VM_EXIT)
-    relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
     try:
         relay.start()
     except WireError as exc:

@@ -27,6 +27,17 @@ class Relay:
         self.stdin_fd, self.out_fd, self.err_fd, self.tty = stdin_fd, out_fd, err_fd, tty
         self.exec_id: int | None = None
         self.guest_pid: int | None = None
+        self._sock = None
+
+    def prepare(self) -> None:
+        """For the init process, while containerd has yet to call `start`: connect to the VMM now, and take the
+        copy-on-write faults of this forked process now (a gc pass writes to every object's header), not after."""
+        try:
+            self._sock = self.vmm.connect()
+        except WireError:
+            self._sock = None  # start() tries again, and says what is wrong
+        import gc
+        gc.collect()
 
     def start(self) -> None:
         """Start the guest process (raises WireError with the agent's reason when it cannot)."""
@@ -38,7 +49,8 @@ class Relay:
             size = window_size(self.stdin_fd)
             if size:
                 self.body["size"] = list(size)
-        self.stream = self.vmm.start(self.body)
+        sock, self._sock = self._sock, None
+        self.stream = self.vmm.start(self.body, sock)
         first = self.stream.next_lines() or [{"error": "the VMM closed the stream before the process started"}]
         if "started" not in first[0]:
             self.stream.close()

@@ -149,9 +149,10 @@ class Response:
 
 def request(address: str, method: str, path: str, body: object = None, *, token: str | None = None,
             timeout: float | None = 30.0, raw: bytes | None = None, content_type: str = "application/json",
-            stream: bool = False, parse: bool = True, body_fd: int | None = None):
-    """One request on a fresh connection. JSON in and out (parse=False: the answer is not read as JSON);
-    stream=True returns the open Response; body_fd: the body is what that fd gives until its end, sent chunked."""
+            stream: bool = False, parse: bool = True, body_fd: int | None = None, sock: _socket.socket | None = None):
+    """One request on a fresh connection (or sock, one opened beforehand). JSON in and out (parse=False: the answer
+    is not read as JSON); stream=True returns the open Response; body_fd: the body is what that fd gives until its
+    end, sent chunked."""
     data = raw if raw is not None else b""
     if body is not None:
         from service.runtime.jsonlite import dumps
@@ -163,7 +164,7 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
         head.append(f"Content-Type: {content_type}")
     if token:
         head.append(f"Authorization: Bearer {token}")
-    sock = _connect(address, timeout)
+    sock = sock or _connect(address, timeout)
     try:
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         try:
@@ -309,11 +310,19 @@ class Vmm:
     def set_hostname(self, name: str) -> None:
         self.call("PUT", "/hostname", {"hostname": name})
 
-    def start(self, process: dict) -> Response:
+    def connect(self) -> _socket.socket:
+        """A connection for a later start() (so that start skips connecting)."""
+        try:
+            return _connect(self.address, 30.0)
+        except OSError as exc:
+            raise Unreachable(f"the VM's VMM ({self.address[5:]}) is gone ({exc.strerror or exc}): the VM has "
+                              f"stopped") from None
+
+    def start(self, process: dict, sock: _socket.socket | None = None) -> Response:
         """Start an interactive process; returns the open NDJSON stream (its first line is {"started"})."""
         try:
             return request(self.address, "POST", "/exec", {**process, "interactive": True, "output_cap": 0},
-                           timeout=30.0, stream=True)
+                           timeout=30.0, stream=True, sock=sock)
         except WireError as exc:
             raise WireError(f"the guest could not start {process['argv'][0]}: {exc}", exc.status) from None
         except OSError as exc:
