@@ -161,8 +161,8 @@ def is_vmm(pid: int | None, socket_path: str) -> bool:
     return socket_path in args or ("forkserver" in args and socket_path in unix_sockets_of(pid))
 
 
-def can_raise_priority() -> bool:
-    """Whether this process may lower a nice value again (root, CAP_SYS_NICE, or RLIMIT_NICE up to nice 0)."""
+def can_raise_priority(to_nice: int = 0) -> bool:
+    """Whether this process may lower a nice value back to to_nice (root, CAP_SYS_NICE, or RLIMIT_NICE)."""
     if os.geteuid() == 0:
         return True
     with contextlib.suppress(OSError, StopIteration, ValueError):
@@ -172,7 +172,7 @@ def can_raise_priority() -> bool:
             return True
     import resource
     soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return soft == resource.RLIM_INFINITY or soft >= 20  # the lowest nice allowed is 20 - soft
+    return soft == resource.RLIM_INFINITY or 20 - soft <= to_nice  # the lowest nice allowed is 20 - soft
 
 
 def set_nice(pid: int, nice: int) -> bool:
@@ -195,10 +195,12 @@ def set_nice(pid: int, nice: int) -> bool:
 class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.refill_nice = settings.refill_nice
-        if self.refill_nice and not can_raise_priority():
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # pclited's own: what a claimed VM gets back
+        self.refill_nice = min(19, self.base_nice + settings.refill_nice) if settings.refill_nice else 0
+        if self.refill_nice and not can_raise_priority(self.base_nice):
             log.warning("refill_nice=%d is off: pclited could not give a claimed VM its priority back (needs root, "
-                        "CAP_SYS_NICE or RLIMIT_NICE of 20); set refill_nice: 0 to silence this", self.refill_nice)
+                        "CAP_SYS_NICE or RLIMIT_NICE down to nice %d, e.g. systemd LimitNICE=+%d); set refill_nice: 0 "
+                        "to silence this", settings.refill_nice, self.base_nice, self.base_nice)
             self.refill_nice = 0
         self.children: dict[str, subprocess.Popen] = {}  # VMMs this pclited started: reaped here
         self._defaults: tuple[str, str] | None = None
@@ -301,8 +303,9 @@ class Launcher:
 
     def foreground(self, vm: VM) -> None:
         """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill)."""
-        if self.refill_nice and vm.pid and not set_nice(vm.pid, 0):
-            log.warning("could not renice VMM pid %s of %s to 0: it keeps running at low priority", vm.pid, vm.id)
+        if self.refill_nice and vm.pid and not set_nice(vm.pid, self.base_nice):
+            log.warning("could not renice VMM pid %s of %s to %d: it keeps running at low priority", vm.pid, vm.id,
+                        self.base_nice)
 
     # --- watching -------------------------------------------------------------------------------------------
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:
