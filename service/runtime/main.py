@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 from service.runtime import commands
             code = getattr(commands, "cmd_" + command)(root, cmd_options, positional, log) or 0
         if log.copy:
-            _log_duration(log, command, positional, entered)
+            force = " --force" if cmd_options.get("force") or cmd_options.get("f") else ""
+            _log_duration(log, command + force, positional, entered)
         return code
     except Usage as exc:
         log.error(f"{exc}: see `pclite-runtime --help`")

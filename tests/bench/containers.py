@@ -3,15 +3,15 @@ plain runc, alternating, median of N each. Goal: pclite <= 2x runc.
 
 Every claim starts a refill boot at once; on the lab's two emulated CPUs that boot competes with the rest of the
 container's life. Three series, one pclited restarted with other settings between them:
-  refill at nice 10   the service's default (refill_nice=10): the refill boots at low CPU priority, concurrently
   refill at nice 0    refill_nice=0: the refill boots at the priority of everything else, concurrently
+  refill at nice 10   the service's default (refill_nice=10): the refill boots at low CPU priority, concurrently
   refill deferred     max_vms = the pool size: no refill until the container's VM is gone (a host with cores to
                       spare sees about this on the critical path)
 
   python tests/bench/containers.py   (as root; in the lab: pclite-lab run -- .venv/bin/python tests/bench/containers.py)
 
 PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_SERIES (all three; a comma-separated subset of
-nice10,nice0,deferred). Before each run the pool is back at its target with no boot in flight: only the refill a
+nice0,nice10,deferred). Before each run the pool is back at its target with no boot in flight: only the refill a
 pclite run's own claim starts competes with it, and nothing with runc's. The runtime is the lean launcher `make venv`
 installs (service/runtime/launcher.py). Its log (PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit
 and its steps (claim, rootfs image and attach, mounts, start, release).
@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make the repo importable
 
@@ -46,16 +48,20 @@ RUNS = int(os.environ.get("PCLITE_BENCH_RUNS", "10"))
 MEM_MIB = int(os.environ.get("PCLITE_BENCH_MEM_MIB", "128"))
 POOL = 1  # one ready VM is all sequential runs need; fewer L2 VMs keep the lab's emulated CPUs responsive
 STEP = re.compile(r"(claim|rootfs|mounts|stand-in|mke2fs|cached image|swap and mount) (\d+) ms")
-INVOCATION = re.compile(r"^(\w+) \S+: (\d+) ms from exec to exit, (\d+) ms of it before main")
-SERIES = {"nice10": ("refill at nice 10", {"PCLITE_REFILL_NICE": "10"}),
-          "nice0": ("refill at nice 0", {"PCLITE_REFILL_NICE": "0"}),
+INVOCATION = re.compile(r"^(\w+(?: --force)?) \S+: (\d+) ms from exec to exit, (\d+) ms of it before main")
+SERIES = {"nice0": ("refill at nice 0", {"PCLITE_REFILL_NICE": "0"}),
+          "nice10": ("refill at nice 10", {"PCLITE_REFILL_NICE": "10"}),
           "deferred": ("refill deferred", {"PCLITE_REFILL_NICE": "0", "PCLITE_MAX_VMS": str(POOL)})}
 
 
 def wait_pool_settled(api, deadline_s: float = 300.0) -> None:
     start = time.monotonic()
     while True:
-        pool = api.get("/v1/pools/default").json()
+        try:
+            pool = api.get("/v1/pools/default").json()
+        except httpx.TransportError:  # a kept-alive connection pclited closed meanwhile: ask again
+            time.sleep(0.1)
+            continue
         if pool["ready"] >= POOL and pool["booting"] == 0:
             return
         if "consecutive boot failures" in (pool["reason"] or ""):
@@ -102,8 +108,7 @@ def step_medians(log: Path) -> tuple[dict[str, float], dict[str, tuple[float, fl
             if match := re.search(pattern, msg):
                 steps.setdefault(name, []).append(float(match.group(1)))
         if match := INVOCATION.match(msg):
-            command = match.group(1) + (" --force" if "--force" in msg else "")
-            calls.setdefault(command, []).append((float(match.group(2)), float(match.group(3))))
+            calls.setdefault(match.group(1), []).append((float(match.group(2)), float(match.group(3))))
     return ({name: statistics.median(values) for name, values in steps.items()},
             {name: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
              for name, values in calls.items()})
