@@ -9,6 +9,8 @@ container of an image a fresh copy of the same tree): a hit costs the walk plus 
 A file rewritten in place with its size and mtime kept would be missed; a container engine's snapshots never do that.
 Directory mtimes are left out of the key: a snapshotter's copy (containerd's native one) sets them at copy time, so
 with them no two containers would share an image; a hit shows the directory mtimes of the copy that built it.
+Next to each cached image waits a spare copy, made at low priority after an attach: the next hit renames it into
+place instead of copying on the container's critical path.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 
     from service.services.runtime import Runtime
 
+log = logging.getLogger("pclited")
 IMAGE_NAME = "rootfs.ext4"
 UNPACK_DIR = "rootfs.unpack"
 GUEST_DEVICE = "/dev/vda"
@@ -99,9 +104,12 @@ def build_image(source: Path, image: Path, size_mib: int | None = None, cache: P
     if cached is not None and cached.exists():
         with contextlib.suppress(FileNotFoundError):
             os.utime(cached)  # most recently used: evicted last
-            sparse_copy(cached, image)
+            try:
+                os.rename(spare_path(cached), image)  # the copy made ahead of time
+            except OSError:  # none (taken, or not made yet), or another filesystem
+                sparse_copy(cached, image)
             return {"image_bytes": image.stat().st_size, "content_bytes": used, "files": inodes,
-                    "size_mib": image.stat().st_size >> 20, "cached": True,
+                    "size_mib": image.stat().st_size >> 20, "cached": True, "cache_entry": str(cached),
                     "build_ms": round((time.monotonic() - started) * 1000, 3)}
     if shutil.which("mke2fs") is None:
         raise VmmFailed(f"mke2fs is not installed on the pclited host: {MKE2FS_HINT}")
@@ -124,7 +132,39 @@ def build_image(source: Path, image: Path, size_mib: int | None = None, cache: P
     if cached is not None:
         _keep(image, cached)
     return {"image_bytes": image.stat().st_size, "content_bytes": used, "files": inodes, "size_mib": size_mib,
-            "cached": False, "build_ms": round((time.monotonic() - started) * 1000, 3)}
+            "cached": False, "cache_entry": str(cached) if cached is not None and cached.exists() else None,
+            "build_ms": round((time.monotonic() - started) * 1000, 3)}
+
+
+def spare_path(cached: Path) -> Path:
+    return cached.with_suffix(".spare")
+
+
+def make_spare(cached: Path) -> None:
+    """A ready copy of a cached image for its next hit (no-op when one is there)."""
+    spare = spare_path(cached)
+    if spare.exists() or not cached.exists():
+        return
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.{threading.get_native_id()}.partial")
+    try:
+        sparse_copy(cached, partial)
+        os.replace(partial, spare)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def make_spare_in_background(cached: Path, nice: int = 10) -> threading.Thread:
+    """make_spare in its own thread at a lower priority (nice is per thread): housekeeping, not anyone's request."""
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                         + nice))
+        make_spare(cached)
+
+    thread = threading.Thread(target=run, name="pclited-rootfs-spare", daemon=True)
+    thread.start()
+    return thread
 
 
 def _keep(image: Path, cached: Path) -> None:
@@ -137,12 +177,27 @@ def _keep(image: Path, cached: Path) -> None:
         entries = sorted(cached.parent.glob("*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[CACHE_KEEP:]:
             old.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                spare_path(old).unlink()
 
 
 class RootfsService:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._busy: set[str] = set()  # VMs whose rootfs is being attached: a second request is a conflict
+        self._tasks: set[asyncio.Task] = set()  # work done after the answer (the event log line)
+
+    def _after_answer(self, work) -> None:
+        """Run work without making the request wait for it (a log line nobody reads before the answer)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("rootfs: logging an event failed: %s", finished.exception())
+
+        task.add_done_callback(done)
 
     async def _claimed(self, vm_id: str) -> VM:
         vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
@@ -243,9 +298,12 @@ class RootfsService:
                 what = "the rootfs and the container's mounts" if len(mounts) > 1 or hostname else "the rootfs"
                 raise VmmFailed(f"attaching {what} to {vm.id} failed: {exc}") from exc
             raise
-        await asyncio.to_thread(self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB "
-                                f"image, {built['files']} files, built in {built['build_ms']:.0f} ms)", vm.id,
-                                vm.flavor)
+        if built.get("cache_entry"):
+            make_spare_in_background(Path(built["cache_entry"]))
+        self._after_answer(asyncio.to_thread(
+            self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
+            f"{built['files']} files, {'cached' if built['cached'] else 'built'} in {built['build_ms']:.0f} ms)",
+            vm.id, vm.flavor))
         return {"vm_id": vm.id, "device": GUEST_DEVICE, "mountpoint": GUEST_MOUNTPOINT, "read_only": read_only,
                 "image": str(image), **built, **extra, "attach_ms": attach_ms, "mounts": len(mounts) - 1,
                 "hostname": hostname}

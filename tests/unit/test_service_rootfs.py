@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,14 @@ def test_image_cache_hits_for_the_same_tree_and_misses_after_a_change(tree, tmp_
     assert (first["cached"], second["cached"]) == (False, True)
     assert (tmp_path / "1.ext4").read_bytes() == (tmp_path / "2.ext4").read_bytes()
     assert os.stat(tmp_path / "2.ext4").st_blocks * 512 < second["image_bytes"] // 4  # the holes stayed holes
+    entry = Path(second["cache_entry"])
+    rootfs.make_spare_in_background(entry).join(30)  # what an attach leaves for the next hit
+    assert rootfs.spare_path(entry).exists()
+    spare_inode = os.stat(rootfs.spare_path(entry)).st_ino
+    again = rootfs.build_image(copy, tmp_path / "2b.ext4", cache=cache)
+    assert again["cached"] and os.stat(tmp_path / "2b.ext4").st_ino == spare_inode  # renamed, not copied
+    assert (tmp_path / "2b.ext4").read_bytes() == (tmp_path / "1.ext4").read_bytes()
+    assert not rootfs.spare_path(entry).exists()
     (copy / "etc" / "hostname").write_text("changed\n")
     third = rootfs.build_image(copy, tmp_path / "3.ext4", cache=cache)
     assert not third["cached"] and debugfs(tmp_path / "3.ext4", "cat /etc/hostname") == "changed\n"
