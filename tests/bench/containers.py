@@ -3,15 +3,15 @@ plain runc, alternating, median of N each. Goal: pclite <= 2x runc.
 
 Every claim starts a refill boot at once; on the lab's two emulated CPUs that boot competes with the rest of the
 container's life. Three series, one pclited restarted with other settings between them:
-  refill at nice 0    refill_nice=0: the refill boots at the priority of everything else, concurrently
   refill at nice 10   the service's default (refill_nice=10): the refill boots at low CPU priority, concurrently
   refill deferred     max_vms = the pool size: no refill until the container's VM is gone (a host with cores to
                       spare sees about this on the critical path)
+  refill at nice 0    refill_nice=0: the refill boots at the priority of everything else, concurrently
 
   python tests/bench/containers.py   (as root; in the lab: pclite-lab run -- .venv/bin/python tests/bench/containers.py)
 
 PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_SERIES (all three; a comma-separated subset of
-nice0,nice10,deferred). Before each run the pool is back at its target with no boot in flight: only the refill a
+nice10,deferred,nice0). Before each run the pool is back at its target with no boot in flight: only the refill a
 pclite run's own claim starts competes with it, and nothing with runc's. The runtime is the lean launcher `make venv`
 installs (service/runtime/launcher.py). Its log (PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit
 and its steps (claim, rootfs image and attach, mounts, start, release).
@@ -49,9 +49,9 @@ MEM_MIB = int(os.environ.get("PCLITE_BENCH_MEM_MIB", "128"))
 POOL = 1  # one ready VM is all sequential runs need; fewer L2 VMs keep the lab's emulated CPUs responsive
 STEP = re.compile(r"(claim|rootfs|mounts|stand-in|mke2fs|cached image|swap and mount) (\d+) ms")
 INVOCATION = re.compile(r"^(\w+(?: --force)?) \S+: (\d+) ms from exec to exit, (\d+) ms of it before main")
-SERIES = {"nice0": ("refill at nice 0", {"PCLITE_REFILL_NICE": "0"}),
-          "nice10": ("refill at nice 10", {"PCLITE_REFILL_NICE": "10"}),
-          "deferred": ("refill deferred", {"PCLITE_REFILL_NICE": "0", "PCLITE_MAX_VMS": str(POOL)})}
+SERIES = {"nice10": ("refill at nice 10", {"PCLITE_REFILL_NICE": "10"}),
+          "deferred": ("refill deferred", {"PCLITE_REFILL_NICE": "0", "PCLITE_MAX_VMS": str(POOL)}),
+          "nice0": ("refill at nice 0", {"PCLITE_REFILL_NICE": "0"})}
 
 
 def wait_pool_settled(api, deadline_s: float = 300.0) -> None:
