@@ -43,7 +43,7 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
         os.makedirs(c.dir, 0o711)
     except FileExistsError:
         raise RuntimeFailure(f"container {c.id} already exists: delete it first, or pick another id") from None
-    pclited, vm = Pclited(), None
+    pclited, vm, pid = Pclited(), None, None
     steps = Steps()
     try:
         vm = pclited.claim(annotations.get(FLAVOR_ANNOTATION) or "default")
@@ -52,13 +52,19 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
                  "vm_id": vm["id"], "api_socket": vm["api_socket"], "server": pclited.server, "log": log.path,
                  "log_format": log.fmt}
         c.save(state)  # from here on `delete --force` can release the VM, whatever happens to this process
+        # The stand-in first: it sets itself up (and connects to the VMM) while pclited attaches the rootfs.
+        os.mkfifo(c.path("exec.fifo"), 0o600)
+        vmm = Vmm(vm["api_socket"])
+        pid = _spawn(c, log, console, process.get("size"), lambda: _init_standin(c, vmm, process, log))
+        state.update(pid=pid, start_time=start_time(pid))
+        c.save(state)  # and `delete --force` kills the stand-in
+        steps.done("stand-in")
         hostname = config.get("hostname") or None
         attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")), mounts,
                                          hostname) or {}
         image = "cached image" if attached.get("cached") else "mke2fs"
         steps.done("rootfs", f"{image} {attached.get('build_ms', 0):.0f} ms, swap and mount "
                              f"{attached.get('attach_ms', 0):.0f} ms")
-        vmm = Vmm(vm["api_socket"])
         if mounts and attached.get("mounts") != len(mounts):  # a tar upload: pclited mounted the rootfs alone
             vmm.mounts(mounts)
         if hostname and attached.get("hostname") != hostname:
@@ -66,13 +72,8 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
         steps.done("mounts")
         for why in skipped:
             log.warning(f"container {c.id}: mount skipped: {why}")
-        os.mkfifo(c.path("exec.fifo"), 0o600)
-        pid = _spawn(c, log, console, process.get("size"), lambda: _init_standin(c, vmm, process, log))
-        state.update(pid=pid, start_time=start_time(pid))
-        c.save(state)
-        steps.done("stand-in")
     except (WireError, OSError, RuntimeFailure) as exc:
-        _undo_create(c, pclited, vm, log)
+        _undo_create(c, pclited, vm, pid, log)
         hint = " (pick an existing flavor with the pclite.flavor annotation: `pclitectl get flavors`)" \
             if isinstance(exc, WireError) and exc.status == 404 and vm is None else ""
         raise RuntimeFailure(f"create {c.id}: {exc}{hint}") from None
@@ -97,7 +98,13 @@ class Steps:
         return f"{(self.last - self.first) * 1000:.0f} ms: " + ", ".join(self.parts)
 
 
-def _undo_create(c: Container, pclited: Pclited, vm: dict | None, log: Log) -> None:
+def _undo_create(c: Container, pclited: Pclited, vm: dict | None, pid: int | None, log: Log) -> None:
+    if pid is not None:  # our child, waiting for a `start` that will not come
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
     if vm is not None:
         try:
             pclited.release(vm["id"])
