@@ -25,10 +25,11 @@ def cmd_start(root: str, opts: dict, positional: list[str], log: Log) -> int:
     started = time.monotonic()
     deadline = started + START_TIMEOUT_S
     while not os.path.exists(c.path("init.json")):
+        gone = not alive(state["pid"], state["start_time"])  # before init.error: it writes that, then exits
         if os.path.exists(c.path("init.error")):
             with open(c.path("init.error")) as f:
                 raise RuntimeFailure(f"start {c.id}: {f.read().strip()}")
-        if not alive(state["pid"], state["start_time"]) or time.monotonic() > deadline:
+        if gone or time.monotonic() > deadline:
             raise RuntimeFailure(f"start {c.id}: the stand-in process ended before the guest process started "
                                  f"(see the log{': ' + state['log'] if state.get('log') else ''})")
         time.sleep(0.003)
