@@ -302,8 +302,9 @@ class Launcher:
         return proc
 
     def foreground(self, vm: VM) -> None:
-        """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill)."""
-        if self.refill_nice and vm.pid and not set_nice(vm.pid, self.base_nice):
+        """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill, of this
+        pclited or of one before a restart)."""
+        if vm.pid and not set_nice(vm.pid, self.base_nice):
             log.warning("could not renice VMM pid %s of %s to %d: it keeps running at low priority", vm.pid, vm.id,
                         self.base_nice)
 
