@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a plain .pth: the import-hook finder costs start-up time
+	@$(PY) -m service.runtime.launcher $(VENV)/bin/pclite-runtime >/dev/null  # containerd starts it 4x per container: start it lean
 	@touch $@
 
 venv: $(STAMP)

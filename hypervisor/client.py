@@ -161,6 +161,10 @@ class VmmClient:
         self._call("POST", "/mounts", {"source": source, "target": target, "fstype": fstype, "flags": flags,
                                        "data": data, "mkdir": mkdir})
 
+    def mounts(self, mounts: list[dict]) -> None:
+        """Several mounts in one request, done in order (the first failure is the error)."""
+        self._call("POST", "/mounts", {"mounts": mounts})
+
     def set_hostname(self, name: str) -> None:
         self._call("PUT", "/hostname", {"hostname": name})
 

@@ -183,6 +183,17 @@ class ExecOut(BaseModel):
     duration_ms: float
 
 
+class GuestMount(_In):
+    """A mount the agent makes in the guest (mount(2): MS_* flags, fs-specific data), e.g. a container's /proc."""
+
+    source: str = Field("none", max_length=4096)
+    target: str = Field(..., min_length=2, max_length=4096, pattern=r"^/[^\x00]*$", description="absolute, guest")
+    fstype: str = Field("", max_length=64)
+    flags: int = Field(0, ge=0, le=0xFFFFFFFF)
+    data: str = Field("", max_length=4096)
+    mkdir: bool = True
+
+
 class RootfsRequest(_In):
     """POST /v1/vms/{id}/rootfs with a JSON body: a directory on the pclited host. (Or send a tar stream of the
     rootfs with Content-Type: application/x-tar and read_only/size_mib as query parameters.)"""
@@ -190,6 +201,9 @@ class RootfsRequest(_In):
     path: str = Field(..., min_length=1, max_length=4096, description="absolute path of the rootfs directory")
     read_only: bool = False
     size_mib: int | None = Field(None, ge=1, le=1 << 20, description="ext4 image size; null = content + 64 MiB")
+    mounts: list[GuestMount] = Field(default_factory=list, max_length=64,
+                                     description="made in order once the rootfs is mounted (a container's /proc...)")
+    hostname: str | None = Field(None, min_length=1, max_length=64, description="the guest's host name")
 
 
 class RootfsOut(BaseModel):
@@ -205,7 +219,9 @@ class RootfsOut(BaseModel):
     source: str
     cached: bool = Field(description="the image was copied from pclited's cache of images of the same tree")
     build_ms: float
-    attach_ms: float
+    attach_ms: float = Field(description="disk swap, the rootfs mount and the request's mounts and host name")
+    mounts: int = Field(0, description="the request's mounts made after the rootfs's")
+    hostname: str | None = None
     tar_bytes: int | None = None
     unpack_ms: float | None = None
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # Fork VMMs from a pre-imported server: no interpreter start per VM (~1 s of a lab boot). False: a fresh
     # `python -m hypervisor` per VM.
     vmm_forkserver: bool = True
+    # Pool refills boot at this nice value (0: as pclited) and get the normal priority back when claimed: a refill
+    # is background work and must not slow the claimed VMs' containers down on a host short of CPUs.
+    refill_nice: int = Field(10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -1,17 +1,13 @@
 """The runtime's commands. Each either finishes its job or raises RuntimeFailure with the one line to show, having
 undone what it started (a claimed VM is released, a half-made state directory removed)."""
 
-from __future__ import annotations
-
 import _signal
 import errno
 import os
 import time
 
-from service.runtime import oci
 from service.runtime.main import (
     FLAVOR_ANNOTATION,
-    START_TIMEOUT_S,
     Usage,
     container_of,
     now_iso,
@@ -19,8 +15,8 @@ from service.runtime.main import (
     print_json,
     signal_number,
 )
-from service.runtime.state import Container, Log, RuntimeFailure, alive, remove_tree, start_time, write_atomic
-from service.runtime.wire import Pclited, Unreachable, Vmm, WireError
+from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
+from service.runtime.wire import Pclited, Vmm, WireError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,6 +25,7 @@ if TYPE_CHECKING:
 # ---- create / start
 
 def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci  # only the commands that read specs pay for it
     c = container_of(root, positional)
     bundle = os.path.abspath(one(opts, "bundle", "b") or os.getcwd())
     try:
@@ -46,7 +43,7 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
         os.makedirs(c.dir, 0o711)
     except FileExistsError:
         raise RuntimeFailure(f"container {c.id} already exists: delete it first, or pick another id") from None
-    pclited, vm = Pclited(), None
+    pclited, vm, pid = Pclited(), None, None
     steps = Steps()
     try:
         vm = pclited.claim(annotations.get(FLAVOR_ANNOTATION) or "default")
@@ -55,25 +52,28 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
                  "vm_id": vm["id"], "api_socket": vm["api_socket"], "server": pclited.server, "log": log.path,
                  "log_format": log.fmt}
         c.save(state)  # from here on `delete --force` can release the VM, whatever happens to this process
-        attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")))
-        attached = attached or {}
-        steps.done("rootfs", f"mke2fs {attached.get('build_ms', 0):.0f} ms, swap and mount "
-                             f"{attached.get('attach_ms', 0):.0f} ms")
+        # The stand-in first: it sets itself up (and connects to the VMM) while pclited attaches the rootfs.
+        os.mkfifo(c.path("exec.fifo"), 0o600)
         vmm = Vmm(vm["api_socket"])
-        if mounts:
+        pid = _spawn(c, log, console, process.get("size"), lambda: _init_standin(c, vmm, process, log))
+        state.update(pid=pid, start_time=start_time(pid))
+        c.save(state)  # and `delete --force` kills the stand-in
+        steps.done("stand-in")
+        hostname = config.get("hostname") or None
+        attached = pclited.attach_rootfs(vm["id"], rootfs, bool((config.get("root") or {}).get("readonly")), mounts,
+                                         hostname) or {}
+        image = "cached image" if attached.get("cached") else "mke2fs"
+        steps.done("rootfs", f"{image} {attached.get('build_ms', 0):.0f} ms, swap and mount "
+                             f"{attached.get('attach_ms', 0):.0f} ms")
+        if mounts and attached.get("mounts") != len(mounts):  # a tar upload: pclited mounted the rootfs alone
             vmm.mounts(mounts)
-        if config.get("hostname"):
-            vmm.set_hostname(config["hostname"])
+        if hostname and attached.get("hostname") != hostname:
+            vmm.set_hostname(hostname)
         steps.done("mounts")
         for why in skipped:
             log.warning(f"container {c.id}: mount skipped: {why}")
-        os.mkfifo(c.path("exec.fifo"), 0o600)
-        pid = _spawn(c, log, console, process.get("size"), lambda: _init_standin(c, vmm, process, log))
-        state.update(pid=pid, start_time=start_time(pid))
-        c.save(state)
-        steps.done("stand-in")
     except (WireError, OSError, RuntimeFailure) as exc:
-        _undo_create(c, pclited, vm, log)
+        _undo_create(c, pclited, vm, pid, log)
         hint = " (pick an existing flavor with the pclite.flavor annotation: `pclitectl get flavors`)" \
             if isinstance(exc, WireError) and exc.status == 404 and vm is None else ""
         raise RuntimeFailure(f"create {c.id}: {exc}{hint}") from None
@@ -98,7 +98,13 @@ class Steps:
         return f"{(self.last - self.first) * 1000:.0f} ms: " + ", ".join(self.parts)
 
 
-def _undo_create(c: Container, pclited: Pclited, vm: dict | None, log: Log) -> None:
+def _undo_create(c: Container, pclited: Pclited, vm: dict | None, pid: int | None, log: Log) -> None:
+    if pid is not None:  # our child, waiting for a `start` that will not come
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
     if vm is not None:
         try:
             pclited.release(vm["id"])
@@ -111,12 +117,13 @@ def _undo_create(c: Container, pclited: Pclited, vm: dict | None, log: Log) -> N
 def _init_standin(c: Container, vmm: Vmm, process: dict, log: Log) -> None:
     """The init stand-in, after the fork: wait for `start`, then run the container's process and mirror it."""
     from service.runtime import standin
+    relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
+    relay.prepare()  # while containerd is on its way to `start`
     fd = os.open(c.path("exec.fifo"), os.O_RDONLY | os.O_CLOEXEC)  # blocks until `start` opens it
     go = os.read(fd, 1)
     os.close(fd)
     if not go:
         os._exit(standin.LOST_VM_EXIT)
-    relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
     try:
         relay.start()
     except WireError as exc:
@@ -126,7 +133,7 @@ def _init_standin(c: Container, vmm: Vmm, process: dict, log: Log) -> None:
     _relay_and_exit(relay, log, c.id)
 
 
-def _relay_and_exit(relay: Relay, log: Log, cid: str, parent: int | None = None) -> None:
+def _relay_and_exit(relay: "Relay", log: Log, cid: str, parent: int | None = None) -> None:
     from service.runtime import standin
     try:
         result = relay.run()
@@ -196,33 +203,6 @@ def _write_pid_file(opts: dict, pid: int) -> None:
     path = one(opts, "pid-file")
     if path:
         write_atomic(path, str(pid))
-
-
-def cmd_start(root: str, opts: dict, positional: list[str], log: Log) -> int:
-    c = container_of(root, positional)
-    state = c.load_lean()
-    status = c.status(state)
-    if status != "created":
-        raise RuntimeFailure(f"cannot start container {c.id}: it is {status}, not created")
-    try:
-        fd = os.open(c.path("exec.fifo"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot start container {c.id}: its stand-in process is not waiting "
-                             f"({exc.strerror}): delete it and create it again") from None
-    os.write(fd, b"0")
-    os.close(fd)
-    started = time.monotonic()
-    deadline = started + START_TIMEOUT_S
-    while not os.path.exists(c.path("init.json")):
-        if os.path.exists(c.path("init.error")):
-            with open(c.path("init.error")) as f:
-                raise RuntimeFailure(f"start {c.id}: {f.read().strip()}")
-        if not alive(state["pid"], state["start_time"]) or time.monotonic() > deadline:
-            raise RuntimeFailure(f"start {c.id}: the stand-in process ended before the guest process started "
-                                 f"(see the log{': ' + state['log'] if state.get('log') else ''})")
-        time.sleep(0.003)
-    log.info(f"start {c.id}: the guest process runs after {(time.monotonic() - started) * 1000:.0f} ms")
-    return 0
 
 
 # ---- inspecting and signalling
@@ -296,6 +276,7 @@ def cmd_update(root: str, opts: dict, positional: list[str], log: Log) -> int:
 
 
 def cmd_features(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci
     print_json({"ociVersionMin": "1.0.0", "ociVersionMax": "1.1.0", "hooks": [],
                 "mountOptions": sorted(oci.MS_FLAGS), "linux": {
                     "namespaces": [], "capabilities": [], "cgroup": {"v1": False, "v2": False, "systemd": False},
@@ -304,46 +285,10 @@ def cmd_features(root: str, opts: dict, positional: list[str], log: Log) -> int:
     return 0
 
 
-# ---- delete
-
-def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
-    c = container_of(root, positional)
-    force = bool(opts.get("force") or opts.get("f"))
-    if not c.exists():
-        if force:
-            remove_tree(c.dir)
-            return 0
-        raise RuntimeFailure(f"container {c.id} does not exist")
-    state = c.load_lean()
-    status = c.status(state)
-    if status != "stopped" and not force:
-        raise RuntimeFailure(f"cannot delete container {c.id} that is not stopped: {status}")
-    if force:
-        for pid, started in [(state.get("pid"), state.get("start_time"))] + \
-                [(pid, record.get("start_time")) for pid, record in c.execs().items()]:
-            if alive(pid, started):
-                try:  # noqa: SIM105 - contextlib costs start-up time
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-    started = time.monotonic()
-    try:
-        Pclited(state.get("server")).release(state["vm_id"])
-    except Unreachable as exc:
-        if not force:
-            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
-        log.warning(f"delete {c.id}: VM {state['vm_id']} is left to pclited: {exc}")
-    except WireError as exc:
-        if exc.status != 404:  # 404: pclited no longer knows it
-            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
-    remove_tree(c.dir)
-    log.info(f"delete {c.id}: VM {state['vm_id']} released in {(time.monotonic() - started) * 1000:.0f} ms")
-    return 0
-
-
 # ---- exec
 
 def cmd_exec(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    from service.runtime import oci
     c = container_of(root, positional)
     state = c.load()
     status = c.status(state)

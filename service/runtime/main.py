@@ -16,8 +16,6 @@ The VM's flavor comes from the annotation `pclite.flavor` (default `default`); p
 PCLITE_TOKEN, else pclitectl's config file. Errors: one line on stderr and in --log; exit 1 (2 for bad usage).
 """
 
-from __future__ import annotations
-
 import sys
 import time
 
@@ -87,6 +85,7 @@ def one(options: dict, *names: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entered = time.clock_gettime(time.CLOCK_BOOTTIME)
     argv = sys.argv[1:] if argv is None else argv
     log = Log()
     try:
@@ -106,9 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         root = one(options, "root") or st.DEFAULT_ROOT
         if command == "delete" and (cmd_options.get("force") or cmd_options.get("f")) and positional and \
                 not container_of(root, positional).exists():
-            return 0  # containerd's cleanup after every task delete: answer before importing anything more
-        from service.runtime import commands
-        return getattr(commands, "cmd_" + command)(root, cmd_options, positional, log) or 0
+            code = 0  # containerd's cleanup after every task delete: answer before importing anything more
+        else:
+            if command in ("start", "delete"):
+                from service.runtime import light as commands
+            else:
+                from service.runtime import commands
+            code = getattr(commands, "cmd_" + command)(root, cmd_options, positional, log) or 0
+        if log.copy:
+            force = " --force" if cmd_options.get("force") or cmd_options.get("f") else ""
+            _log_duration(log, command + force, positional, entered)
+        return code
     except Usage as exc:
         log.error(f"{exc}: see `pclite-runtime --help`")
         if log.path:
@@ -119,6 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _log_duration(log: Log, command: str, positional: list[str], entered: float) -> None:
+    """For PCLITE_RUNTIME_LOG: this invocation's time since exec (/proc's start time, in clock ticks), and how much
+    of it passed before main() (the interpreter's start-up and imports)."""
+    import os
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return
+    started = ticks / os.sysconf("SC_CLK_TCK")
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    log.info(f"{command} {positional[0] if positional else '-'}: {(now - started) * 1000:.0f} ms from exec to exit, "
+             f"{(entered - started) * 1000:.0f} ms of it before main()")
 
 
 def container_of(root: str, positional: list[str]) -> Container:
@@ -142,8 +164,8 @@ def now_iso() -> str:
 
 
 def print_json(data) -> None:
-    import json
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    from service.runtime.jsonlite import dumps
+    sys.stdout.write(dumps(data, indent=2) + "\n")
     sys.stdout.flush()
 
 

@@ -4,9 +4,9 @@ The VM is the container's sandbox, so namespaces, cgroups, seccomp, capabilities
 to and are ignored; host bind mounts cannot reach into a VM and are skipped (logged by the caller).
 """
 
-from __future__ import annotations
-
 import os
+
+from service.runtime.jsonlite import loads
 
 GUEST_ROOT = "/rootfs"  # where pclited has the agent mount the rootfs disk (service/services/rootfs.py)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -29,10 +29,9 @@ class SpecError(Exception):
 
 
 def load_json(path: str, what: str) -> dict:
-    import json
     try:
         with open(path) as f:
-            data = json.load(f)
+            data = loads(f.read())
     except FileNotFoundError:
         raise SpecError(f"{what} {path} does not exist: is the --bundle/--process path right?") from None
     except (OSError, ValueError) as exc:

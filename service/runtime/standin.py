@@ -6,15 +6,10 @@ terminal resize), and finally exits the way the guest process did: same exit cod
 One thread and one poll loop: signals arrive through a wakeup pipe.
 """
 
-from __future__ import annotations
-
 import _signal
 import errno
-import fcntl
 import os
 import select
-import struct
-import termios
 import time
 
 from service.runtime.wire import Unreachable, Vmm, WireError
@@ -32,6 +27,17 @@ class Relay:
         self.stdin_fd, self.out_fd, self.err_fd, self.tty = stdin_fd, out_fd, err_fd, tty
         self.exec_id: int | None = None
         self.guest_pid: int | None = None
+        self._sock = None
+
+    def prepare(self) -> None:
+        """For the init process, while containerd has yet to call `start`: connect to the VMM now, and take the
+        copy-on-write faults of this forked process now (a gc pass writes to every object's header), not after."""
+        try:
+            self._sock = self.vmm.connect()
+        except WireError:
+            self._sock = None  # start() tries again, and says what is wrong
+        import gc
+        gc.collect()
 
     def start(self) -> None:
         """Start the guest process (raises WireError with the agent's reason when it cannot)."""
@@ -43,7 +49,8 @@ class Relay:
             size = window_size(self.stdin_fd)
             if size:
                 self.body["size"] = list(size)
-        self.stream = self.vmm.start(self.body)
+        sock, self._sock = self._sock, None
+        self.stream = self.vmm.start(self.body, sock)
         first = self.stream.next_lines() or [{"error": "the VMM closed the stream before the process started"}]
         if "started" not in first[0]:
             self.stream.close()
@@ -80,10 +87,10 @@ class Relay:
                 raise Unreachable("the VMM closed the process stream (did the VM stop?)")
 
     def _output(self, line: dict) -> None:
-        import base64
+        from binascii import a2b_base64
         for key, fd in (("stdout_b64", self.out_fd), ("stderr_b64", self.err_fd)):
             if key in line and fd >= 0:
-                _write_all(fd, base64.b64decode(line[key]))
+                _write_all(fd, a2b_base64(line[key]))
 
     def _stdin(self) -> bool:
         """Forward what stdin has; False once it is closed (its end is forwarded too, except for a terminal)."""
@@ -146,6 +153,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def window_size(fd: int) -> tuple[int, int] | None:
     try:
+        import fcntl  # terminal-only imports: not paid by the usual pipes
+        import struct
+        import termios
         rows, cols = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))[:2]
     except OSError:
         return None
@@ -154,6 +164,7 @@ def window_size(fd: int) -> tuple[int, int] | None:
 
 def make_raw(fd: int) -> None:
     """No echo, no line editing, no signal keys, no CR/LF changes: the guest's own terminal does all of that."""
+    import termios
     attrs = termios.tcgetattr(fd)
     attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
                   | termios.IGNCR | termios.ICRNL | termios.IXON)
@@ -167,6 +178,8 @@ def make_raw(fd: int) -> None:
 def take_terminal(slave: int) -> None:
     """Become a session leader whose controlling terminal is `slave` (so SIGWINCH reaches us), on stdio."""
     os.setsid()
+    import fcntl
+    import termios
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)

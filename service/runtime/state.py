@@ -11,8 +11,6 @@ identity checks that survive pid reuse.
   <root>/<id>/paused          present while the VM is paused
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import time
@@ -117,10 +115,10 @@ class Container:
         return os.path.exists(self.path("state.json"))
 
     def load(self) -> dict:
-        import json
+        from service.runtime.jsonlite import loads
         try:
             with open(self.path("state.json")) as f:
-                return json.load(f)
+                return loads(f.read())
         except FileNotFoundError:
             raise RuntimeFailure(f"container {self.id} does not exist (no state in {self.dir})") from None
         except (OSError, ValueError) as exc:
@@ -128,11 +126,11 @@ class Container:
                                  f"delete it with `delete --force {self.id}`") from None
 
     def save(self, state: dict) -> None:
-        import json
+        from service.runtime.jsonlite import dumps
         lines = "".join(f"{key} {value}\n" for key, value in state.items()
                         if key in LEAN_KEYS and value is not None and "\n" not in str(value))
         write_atomic(self.path("state.lines"), lines)
-        write_atomic(self.path("state.json"), json.dumps(state))
+        write_atomic(self.path("state.json"), dumps(state))
 
     def load_lean(self) -> dict:
         """The scalar fields of state.json (LEAN_KEYS; pid and start_time as ints), read without json."""
@@ -147,10 +145,10 @@ class Container:
         return lean
 
     def read_json(self, name: str) -> dict | None:
-        import json
+        from service.runtime.jsonlite import loads
         try:
             with open(self.path(name)) as f:
-                return json.load(f)
+                return loads(f.read())
         except (OSError, ValueError):
             return None
 

@@ -3,10 +3,8 @@ control socket (mounts, host name, interactive processes).
 
 Hand-rolled rather than http.client, which imports the email package: ~0.5 s per runtime start in the lab, and
 containerd starts the runtime four times for a `ctr run --rm`. For the same reason it uses _socket (socket.py
-imports enum) and imports json only when a body needs it.
+imports enum), and service.runtime.jsonlite (only when a body needs it) rather than json, which imports re.
 """
-
-from __future__ import annotations
 
 import _socket
 import os
@@ -134,8 +132,8 @@ class Response:
                 self._done = True
                 break
         *complete, self._body = self._body.split(b"\n")
-        import json
-        lines = [json.loads(line) for line in complete if line.strip()]
+        from service.runtime.jsonlite import loads
+        lines = [loads(line) for line in complete if line.strip()]
         return None if self._done and not lines else lines
 
     def next_lines(self) -> list[dict] | None:
@@ -151,13 +149,14 @@ class Response:
 
 def request(address: str, method: str, path: str, body: object = None, *, token: str | None = None,
             timeout: float | None = 30.0, raw: bytes | None = None, content_type: str = "application/json",
-            stream: bool = False, parse: bool = True, body_fd: int | None = None):
-    """One request on a fresh connection. JSON in and out (parse=False: the answer is not read as JSON);
-    stream=True returns the open Response; body_fd: the body is what that fd gives until its end, sent chunked."""
+            stream: bool = False, parse: bool = True, body_fd: int | None = None, sock: _socket.socket | None = None):
+    """One request on a fresh connection (or sock, one opened beforehand). JSON in and out (parse=False: the answer
+    is not read as JSON); stream=True returns the open Response; body_fd: the body is what that fd gives until its
+    end, sent chunked."""
     data = raw if raw is not None else b""
     if body is not None:
-        import json
-        data = json.dumps(body).encode()
+        from service.runtime.jsonlite import dumps
+        data = dumps(body).encode()
     host = "localhost" if address.startswith("unix:") else address.split("://", 1)[-1].split("/", 1)[0]
     length = "Transfer-Encoding: chunked" if body_fd is not None else f"Content-Length: {len(data)}"
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", length]
@@ -165,7 +164,7 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
         head.append(f"Content-Type: {content_type}")
     if token:
         head.append(f"Authorization: Bearer {token}")
-    sock = _connect(address, timeout)
+    sock = sock or _connect(address, timeout)
     try:
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         try:
@@ -188,14 +187,14 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
         raise WireError(_problem_text(payload, response.status), response.status)
     if not parse or not payload or not response.headers.get("content-type", "").endswith("json"):
         return None
-    import json
-    return json.loads(payload)
+    from service.runtime.jsonlite import loads
+    return loads(payload)
 
 
 def _problem_text(payload: bytes, status: int) -> str:
-    import json
+    from service.runtime.jsonlite import loads
     try:
-        data = json.loads(payload)
+        data = loads(payload)
         return data.get("detail") or data.get("error") or str(data)
     except (ValueError, AttributeError):
         return f"HTTP {status}: {payload[:300].decode(errors='replace')}"
@@ -244,14 +243,18 @@ class Pclited:
     def claim(self, flavor: str) -> dict:
         return self.call("POST", "/v1/vms", {"flavor": flavor, "wait": True})
 
-    def attach_rootfs(self, vm_id: str, path: str, read_only: bool) -> dict:
+    def attach_rootfs(self, vm_id: str, path: str, read_only: bool, mounts: list[dict] | None = None,
+                      hostname: str | None = None) -> dict:
         """By path when pclited sees this host's files (PCLITE_ROOTFS_UPLOAD=path), as a tar stream when it does not
-        (=tar); auto (the default): the path, then the tar stream if pclited cannot see the directory."""
+        (=tar); auto (the default): the path, then the tar stream if pclited cannot see the directory. By path,
+        pclited also makes the mounts and sets the host name (the answer's "mounts" and "hostname" say so)."""
         how = os.environ.get("PCLITE_ROOTFS_UPLOAD", "auto")
         if how != "tar":
+            body = {"path": path, "read_only": read_only, "mounts": mounts or []}
+            if hostname:
+                body["hostname"] = hostname
             try:
-                return self.call("POST", f"/v1/vms/{vm_id}/rootfs", {"path": path, "read_only": read_only},
-                                 timeout=600)
+                return self.call("POST", f"/v1/vms/{vm_id}/rootfs", body, timeout=600)
             except WireError as exc:
                 if how == "path" or exc.status != 422 or "pclited host" not in str(exc):
                     raise
@@ -307,11 +310,19 @@ class Vmm:
     def set_hostname(self, name: str) -> None:
         self.call("PUT", "/hostname", {"hostname": name})
 
-    def start(self, process: dict) -> Response:
+    def connect(self) -> _socket.socket:
+        """A connection for a later start() (so that start skips connecting)."""
+        try:
+            return _connect(self.address, 30.0)
+        except OSError as exc:
+            raise Unreachable(f"the VM's VMM ({self.address[5:]}) is gone ({exc.strerror or exc}): the VM has "
+                              f"stopped") from None
+
+    def start(self, process: dict, sock: _socket.socket | None = None) -> Response:
         """Start an interactive process; returns the open NDJSON stream (its first line is {"started"})."""
         try:
             return request(self.address, "POST", "/exec", {**process, "interactive": True, "output_cap": 0},
-                           timeout=30.0, stream=True)
+                           timeout=30.0, stream=True, sock=sock)
         except WireError as exc:
             raise WireError(f"the guest could not start {process['argv'][0]}: {exc}", exc.status) from None
         except OSError as exc:
@@ -319,8 +330,9 @@ class Vmm:
                               f"stopped") from None
 
     def stdin(self, exec_id: int, data: bytes, eof: bool = False) -> None:
-        import base64
-        self.call("POST", "/exec/stdin", {"exec_id": exec_id, "data_b64": base64.b64encode(data).decode(), "eof": eof})
+        from binascii import b2a_base64
+        self.call("POST", "/exec/stdin", {"exec_id": exec_id, "data_b64": b2a_base64(data, newline=False).decode(),
+                                          "eof": eof})
 
     def signal(self, exec_id: int, signo: int) -> None:
         self.call("POST", "/exec/signal", {"exec_id": exec_id, "signal": signo})

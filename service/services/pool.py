@@ -336,6 +336,7 @@ class PoolManager:
         metrics = self.rt.metrics
         vm, flavor = await asyncio.to_thread(self.rt.inv.claim, flavor_name)
         if vm is not None:
+            self.rt.launcher.foreground(vm)
             self.wake(after_s=0.02)  # refill, once the burst this claim may be part of is served
             metrics.claims.labels(flavor_name, "hit").inc()
             metrics.claim.labels(flavor_name, "hit").observe(time.monotonic() - started)

@@ -7,6 +7,10 @@ lives and dies with one VM, so crash consistency buys nothing and the journal wo
 Images are cached by the tree's metadata (paths, modes, owners, sizes, mtimes, link targets; containerd hands every
 container of an image a fresh copy of the same tree): a hit costs the walk plus a sparse copy instead of mke2fs.
 A file rewritten in place with its size and mtime kept would be missed; a container engine's snapshots never do that.
+Directory mtimes are left out of the key: a snapshotter's copy (containerd's native one) sets them at copy time, so
+with them no two containers would share an image; a hit shows the directory mtimes of the copy that built it.
+Next to each cached image waits a spare copy, made at low priority after an attach: the next hit renames it into
+place instead of copying on the container's critical path.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 
     from service.services.runtime import Runtime
 
+log = logging.getLogger("pclited")
 IMAGE_NAME = "rootfs.ext4"
 UNPACK_DIR = "rootfs.unpack"
 GUEST_DEVICE = "/dev/vda"
@@ -38,7 +46,7 @@ MS_RDONLY = 1
 DEFAULT_FREE_MIB = 64  # room the container gets for its writes, on top of what the image holds
 MAX_TAR_BYTES = 16 << 30
 MKE2FS_HINT = "install e2fsprogs (Debian: apt-get install e2fsprogs; `make deps`)"
-CACHE_RECIPE = "pclite-rootfs/1 ext4 b4096 m0 no-journal"  # part of every cache key: bump when mke2fs_command changes
+CACHE_RECIPE = "pclite-rootfs/2 ext4 b4096 m0 no-journal"  # part of every cache key: bump when mke2fs_command changes
 CACHE_KEEP = 8
 
 
@@ -59,8 +67,9 @@ def measure(root: Path) -> tuple[int, int, str]:
                 st = os.lstat(path)
                 used += (st.st_size + 4095) & ~4095
                 link = os.readlink(path) if os.path.islink(path) else ""
+                mtime = 0 if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns  # see the module's docstring
                 digest.update(f"{os.path.relpath(path, root)}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}"
-                              f"\0{st.st_mtime_ns}\0{st.st_rdev}\0{link}\0".encode(errors="surrogateescape"))
+                              f"\0{mtime}\0{st.st_rdev}\0{link}\0".encode(errors="surrogateescape"))
     return used, inodes, digest.hexdigest()[:32]
 
 
@@ -95,9 +104,12 @@ def build_image(source: Path, image: Path, size_mib: int | None = None, cache: P
     if cached is not None and cached.exists():
         with contextlib.suppress(FileNotFoundError):
             os.utime(cached)  # most recently used: evicted last
-            sparse_copy(cached, image)
+            try:
+                os.rename(spare_path(cached), image)  # the copy made ahead of time
+            except OSError:  # none (taken, or not made yet), or another filesystem
+                sparse_copy(cached, image)
             return {"image_bytes": image.stat().st_size, "content_bytes": used, "files": inodes,
-                    "size_mib": image.stat().st_size >> 20, "cached": True,
+                    "size_mib": image.stat().st_size >> 20, "cached": True, "cache_entry": str(cached),
                     "build_ms": round((time.monotonic() - started) * 1000, 3)}
     if shutil.which("mke2fs") is None:
         raise VmmFailed(f"mke2fs is not installed on the pclited host: {MKE2FS_HINT}")
@@ -120,7 +132,39 @@ def build_image(source: Path, image: Path, size_mib: int | None = None, cache: P
     if cached is not None:
         _keep(image, cached)
     return {"image_bytes": image.stat().st_size, "content_bytes": used, "files": inodes, "size_mib": size_mib,
-            "cached": False, "build_ms": round((time.monotonic() - started) * 1000, 3)}
+            "cached": False, "cache_entry": str(cached) if cached is not None and cached.exists() else None,
+            "build_ms": round((time.monotonic() - started) * 1000, 3)}
+
+
+def spare_path(cached: Path) -> Path:
+    return cached.with_suffix(".spare")
+
+
+def make_spare(cached: Path) -> None:
+    """A ready copy of a cached image for its next hit (no-op when one is there)."""
+    spare = spare_path(cached)
+    if spare.exists() or not cached.exists():
+        return
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.{threading.get_native_id()}.partial")
+    try:
+        sparse_copy(cached, partial)
+        os.replace(partial, spare)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def make_spare_in_background(cached: Path, nice: int = 10) -> threading.Thread:
+    """make_spare in its own thread at a lower priority (nice is per thread): housekeeping, not anyone's request."""
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                         + nice))
+        make_spare(cached)
+
+    thread = threading.Thread(target=run, name="pclited-rootfs-spare", daemon=True)
+    thread.start()
+    return thread
 
 
 def _keep(image: Path, cached: Path) -> None:
@@ -133,12 +177,27 @@ def _keep(image: Path, cached: Path) -> None:
         entries = sorted(cached.parent.glob("*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[CACHE_KEEP:]:
             old.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                spare_path(old).unlink()
 
 
 class RootfsService:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._busy: set[str] = set()  # VMs whose rootfs is being attached: a second request is a conflict
+        self._tasks: set[asyncio.Task] = set()  # work done after the answer (the event log line)
+
+    def _after_answer(self, work) -> None:
+        """Run work without making the request wait for it (a log line nobody reads before the answer)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("rootfs: logging an event failed: %s", finished.exception())
+
+        task.add_done_callback(done)
 
     async def _claimed(self, vm_id: str) -> VM:
         vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
@@ -150,7 +209,9 @@ class RootfsService:
                            "another container")
         return vm
 
-    async def attach_path(self, vm_id: str, path: str, read_only: bool, size_mib: int | None) -> dict:
+    async def attach_path(self, vm_id: str, path: str, read_only: bool, size_mib: int | None,
+                          mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
+        """mounts, hostname: what the container needs besides its rootfs, done with it (one trip to the VMM)."""
         source = Path(path)
         if not source.is_absolute() or not source.is_dir():
             raise Invalid(f"rootfs path {path} is not an absolute path to a directory on the pclited host: give a "
@@ -159,7 +220,7 @@ class RootfsService:
         vm = await self._claimed(vm_id)
         self._busy.add(vm_id)
         try:
-            return await self._attach(vm, source, read_only, size_mib, {"source": "path"})
+            return await self._attach(vm, source, read_only, size_mib, {"source": "path"}, mounts or [], hostname)
         finally:
             self._busy.discard(vm_id)
 
@@ -208,14 +269,22 @@ class RootfsService:
                           "Content-Type: application/x-tar")
         return received
 
-    async def _attach(self, vm: VM, source: Path, read_only: bool, size_mib: int | None, extra: dict) -> dict:
+    async def _attach(self, vm: VM, source: Path, read_only: bool, size_mib: int | None, extra: dict,
+                      mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
         image = image_path(vm)
         built = await blocking(build_image, source, image, size_mib, self.rt.settings.data_dir / "rootfs-cache")
+        mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
+                   "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
+
+        def swap_and_mount(client) -> None:  # one thread, the mounts in one request: the agent does them in order
+            client.swap_drive(str(image), read_only)
+            client.mounts(mounts)
+            if hostname:
+                client.set_hostname(hostname)
+
         try:
-            client = client_module().VmmClient(vm.api_socket, timeout=30.0)
             started = time.monotonic()
-            await blocking(client.swap_drive, str(image), read_only)
-            await blocking(client.mount, GUEST_DEVICE, GUEST_MOUNTPOINT, "ext4", MS_RDONLY if read_only else 0)
+            await blocking(swap_and_mount, client_module().VmmClient(vm.api_socket, timeout=30.0))
             attach_ms = round((time.monotonic() - started) * 1000, 3)
         except LaunchError as exc:
             raise VmmFailed(str(exc)) from exc
@@ -226,10 +295,15 @@ class RootfsService:
             if isinstance(exc, mod.VmmUnavailable):
                 raise Conflict(f"VM {vm.id}'s VMM is gone ({exc}): delete it and claim another") from exc
             if isinstance(exc, mod.VmmError):
-                raise VmmFailed(f"attaching the rootfs to {vm.id} failed: {exc}") from exc
+                what = "the rootfs and the container's mounts" if len(mounts) > 1 or hostname else "the rootfs"
+                raise VmmFailed(f"attaching {what} to {vm.id} failed: {exc}") from exc
             raise
-        await asyncio.to_thread(self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB "
-                                f"image, {built['files']} files, built in {built['build_ms']:.0f} ms)", vm.id,
-                                vm.flavor)
+        if built.get("cache_entry"):
+            make_spare_in_background(Path(built["cache_entry"]))
+        self._after_answer(asyncio.to_thread(
+            self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
+            f"{built['files']} files, {'cached' if built['cached'] else 'built'} in {built['build_ms']:.0f} ms)",
+            vm.id, vm.flavor))
         return {"vm_id": vm.id, "device": GUEST_DEVICE, "mountpoint": GUEST_MOUNTPOINT, "read_only": read_only,
-                "image": str(image), **built, **extra, "attach_ms": attach_ms}
+                "image": str(image), **built, **extra, "attach_ms": attach_ms, "mounts": len(mounts) - 1,
+                "hostname": hostname}

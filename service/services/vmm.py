@@ -171,9 +171,47 @@ def is_vmm(pid: int | None, socket_path: str) -> bool:
     return socket_path in args or ("forkserver" in args and socket_path in unix_sockets_of(pid))
 
 
+def can_raise_priority(to_nice: int = 0) -> bool:
+    """Whether this process may lower a nice value back to to_nice (root, CAP_SYS_NICE, or RLIMIT_NICE)."""
+    if os.geteuid() == 0:
+        return True
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+        if caps >> 23 & 1:  # CAP_SYS_NICE
+            return True
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or 20 - soft <= to_nice  # the lowest nice allowed is 20 - soft
+
+
+def set_nice(pid: int, nice: int) -> bool:
+    """Renice every thread of a process: nice is per thread on Linux (new threads inherit their creator's)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # gone: nothing left to renice
+    done = True
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # that thread ended meanwhile
+            pass
+        except OSError:  # EPERM/EACCES: we may not
+            done = False
+    return done
+
+
 class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # pclited's own: what a claimed VM gets back
+        self.refill_nice = min(19, self.base_nice + settings.refill_nice) if settings.refill_nice else 0
+        if self.refill_nice and not can_raise_priority(self.base_nice):
+            log.warning("refill_nice=%d is off: pclited could not give a claimed VM its priority back (needs root, "
+                        "CAP_SYS_NICE or RLIMIT_NICE down to nice %d, e.g. systemd LimitNICE=+%d); set refill_nice: 0 "
+                        "to silence this", settings.refill_nice, self.base_nice, self.base_nice)
+            self.refill_nice = 0
         self.children: dict[str, subprocess.Popen] = {}  # VMMs this pclited started: reaped here
         self._defaults: tuple[str, str] | None = None
         self._lock = threading.Lock()
@@ -256,7 +294,9 @@ class Launcher:
         vm_dir = Path(vm.console_path).parent
         proc = self.start_process(args, vm.api_socket, vm_dir, vm_dir / VMM_LOG)
         self.children[vm.id] = proc
-        log.info("started VMM pid %d for %s (%s)", proc.pid, vm.id, vm.source)
+        niced = bool(vm.pooled and self.refill_nice and set_nice(proc.pid, self.refill_nice))
+        log.info("started VMM pid %d for %s (%s)%s", proc.pid, vm.id, vm.source,
+                 f" at nice {self.refill_nice}" if niced else "")
         return proc
 
     def start_process(self, args: list[str], api_socket: str, cwd: Path, log_path: Path):
@@ -282,6 +322,13 @@ class Launcher:
             # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
                                     start_new_session=True, close_fds=True)
+
+    def foreground(self, vm: VM) -> None:
+        """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill, of this
+        pclited or of one before a restart)."""
+        if vm.pid and not set_nice(vm.pid, self.base_nice):
+            log.warning("could not renice VMM pid %s of %s to %d: it keeps running at low priority", vm.pid, vm.id,
+                        self.base_nice)
 
     # --- watching -------------------------------------------------------------------------------------------
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:

@@ -13,16 +13,21 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 
 import pytest
 
-from tests.support.containerd import IMAGE, Containerd, busybox_image_tar, missing_tools, runtime_processes
+from tests.support.containerd import (
+    IMAGE,
+    Containerd,
+    busybox_image_tar,
+    missing_tools,
+    runtime_binary,
+    runtime_processes,
+)
 from tests.support.servers import Pclited, short_tmpdir, vmm_processes
 
-RUNTIME = shutil.which("pclite-runtime") or os.path.join(os.path.dirname(sys.executable), "pclite-runtime")
 SETTINGS = {"boot_concurrency": 1, "pool_tick_s": 0.2, "supervise_interval_s": 0.1, "health_interval_s": 30,
             "boot_timeout_s": 60, "stop_timeout_s": 5}
 STEP_S = 120.0
@@ -34,6 +39,7 @@ pytestmark = [pytest.mark.guest,
 class Stack:
     def __init__(self):
         self.workdir = short_tmpdir("oci-")
+        self.runtime = runtime_binary(self.workdir)
         self.pclited = Pclited(self.workdir / "data", **SETTINGS).start()
         self.api = self.pclited.client(timeout=STEP_S)
         created = self.api.post("/v1/flavors", json={"name": "default", "mem_mib": 128, "pool_target": 1})
@@ -50,7 +56,7 @@ class Stack:
                               message=f"{ready} ready VM(s) in the default pool")
 
     def run(self, *args, runtime: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        flags = ["--runc-binary", RUNTIME] if runtime else []
+        flags = ["--runc-binary", self.runtime] if runtime else []
         started = time.monotonic()
         proc = self.containerd.ctr("run", *flags, "--snapshotter", "native", *args, check=False, **kwargs)
         print(f"ctr run {' '.join(args)} -> {proc.returncode} in {time.monotonic() - started:.2f} s")
@@ -111,10 +117,12 @@ def test_exit_codes_and_signals_propagate(stack):
 def test_tty(stack):
     stack.wait_pool()
     master, slave = pty.openpty()
-    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # ctr passes its size on
-    proc = subprocess.Popen(["ctr", "--address", stack.containerd.sock, "run", "--runc-binary", RUNTIME,
+    # ctr passes its size on with a resize after the task's start, so the shell asks for it only after the input
+    # below: the first instant of the process may still see 0 0 (as under runc).
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(["ctr", "--address", stack.containerd.sock, "run", "--runc-binary", stack.runtime,
                              "--snapshotter", "native", "--rm", "-t", IMAGE, "c4", "sh", "-c",
-                             "test -t 0 && echo TTY; stty size; uname -r; read x; echo got $x"],
+                             "test -t 0 && echo TTY; uname -r; read x; stty size; echo got $x"],
                             stdin=slave, stdout=slave, stderr=slave, env=stack.containerd.env, start_new_session=True)
     os.close(slave)
     seen = b""

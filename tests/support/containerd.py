@@ -166,6 +166,15 @@ def ensure_cgroup_mount() -> str | None:
     return "mounted cgroup2 at /sys/fs/cgroup (runc needs a cgroup hierarchy)"
 
 
+def runtime_binary(directory: Path) -> str:
+    """A lean pclite-runtime launcher (what `make venv` installs as .venv/bin/pclite-runtime), written into directory
+    for this checkout: the tests and the bench measure what a user gets."""
+    from service.runtime import launcher
+    path = directory / "pclite-runtime"
+    launcher.write(str(path))
+    return str(path)
+
+
 def runtime_processes() -> list[int]:
     """pids of pclite-runtime processes (stand-ins included) on this host."""
     found = []

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,8 +64,13 @@ class Fakes:
                 raise HttpError(404, f"flavor {flavor} does not exist")
             return Response(201, {"id": "vm-0123456789ab", "api_socket": self.vmm.path})
         if request.method == "POST" and request.path.endswith("/rootfs"):
-            self.rootfs = request.json()["path"]  # the bundle's rootfs: the stand-in guest's /rootfs
-            return Response(200, {"mountpoint": "/rootfs"})
+            if getattr(self, "refuse_rootfs", False):
+                raise HttpError(409, "VM vm-0123456789ab's VMM is gone: delete it and claim another")
+            spec = request.json()
+            self.rootfs = spec["path"]  # the bundle's rootfs: the stand-in guest's /rootfs
+            self.attached = spec
+            return Response(200, {"mountpoint": "/rootfs", "mounts": len(spec["mounts"]),
+                                  "hostname": spec.get("hostname")})
         if request.method == "DELETE":
             return Response(200, {"state": "stopped"})
         raise HttpError(404, f"no route {request.path}")
@@ -175,7 +181,10 @@ def reap(pid, timeout=20):
 def test_create_start_relays_output_and_mirrors_the_exit_code(rt, env):
     pid, out, err = rt.create("c1", ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert rt.state("c1")["status"] == "created" and rt.state("c1")["pid"] == pid
-    assert ("POST", "/mounts") in env.calls and ("PUT", "/hostname") in env.calls
+    # the container's mounts and host name go with the rootfs: pclited makes them in the same trip to the VMM
+    assert [m["target"] for m in env.attached["mounts"]] == ["/rootfs/proc", "/rootfs/dev"]
+    assert env.attached["hostname"] == "box"
+    assert ("POST", "/mounts") not in env.calls and ("PUT", "/hostname") not in env.calls
     assert any("/etc/hosts" in line and "bind" in line for line in rt.log.read_text().splitlines())  # skipped
     rt.run("start", "c1")
     assert read_all(out) == b"out\n" and read_all(err) == b"err\n"
@@ -285,6 +294,20 @@ def test_bad_input_fails_create_with_one_line_and_leaks_nothing(rt, env, case):
     assert not (rt.root / "c6").exists() and not (rt.tmp / "p").exists()
     assert not any(m == "POST" and p == "/v1/vms" for m, p in env.calls) or case == "unknown-flavor"
     assert not env.released()
+
+
+def test_a_failed_attach_kills_the_stand_in_and_releases_the_vm(rt, env):
+    env.refuse_rootfs = True
+    proc = rt.run("create", "--bundle", rt.bundle(["true"]), "--pid-file", str(rt.tmp / "p"), "c7", check=False)
+    assert proc.returncode == 1 and "VMM is gone" in proc.stderr.decode(), proc
+    assert not (rt.root / "c7").exists() and not (rt.tmp / "p").exists() and env.released()
+    left = []  # the stand-in is a fork of create: same command line
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if entry.isdigit() else []
+            if b"create" in args and b"c7" in args:
+                left.append(entry)
+    assert not left, "the stand-in outlived the failed create"
 
 
 def test_usage_errors_and_features(rt):

@@ -8,18 +8,23 @@ import os
 import pty
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.support.containerd import IMAGE, Containerd, busybox_image_tar, missing_tools, runtime_processes
+from tests.support.containerd import (
+    IMAGE,
+    Containerd,
+    busybox_image_tar,
+    missing_tools,
+    runtime_binary,
+    runtime_processes,
+)
 from tests.support.servers import short_tmpdir
 from tests.unit.test_runtime import Fakes
 
-RUNTIME = shutil.which("pclite-runtime") or os.path.join(os.path.dirname(sys.executable), "pclite-runtime")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or bool(missing_tools()) or not os.path.exists(RUNTIME),
-                                reason=f"needs root, pclite-runtime and {', '.join(missing_tools()) or 'containerd'}")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or bool(missing_tools()),
+                                reason=f"needs root and {', '.join(missing_tools()) or 'containerd'}")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,7 @@ def ctrd():
     containerd.start()
     containerd.import_image(busybox_image_tar(workdir / "image.tar"))
     containerd.fakes = fakes
+    containerd.runtime = runtime_binary(workdir)
     yield containerd
     containerd.stop()
     fakes.close()
@@ -39,7 +45,7 @@ def ctrd():
 
 
 def run(ctrd, *args, **kwargs):
-    return ctrd.ctr("run", "--runc-binary", RUNTIME, "--snapshotter", "native", *args, check=False, **kwargs)
+    return ctrd.ctr("run", "--runc-binary", ctrd.runtime, "--snapshotter", "native", *args, check=False, **kwargs)
 
 
 def test_output_and_exit_statuses(ctrd):
@@ -66,8 +72,9 @@ def test_exec_kill_delete(ctrd):
 
 def test_terminal(ctrd):
     master, slave = pty.openpty()
-    proc = subprocess.Popen(["ctr", "--address", ctrd.sock, "run", "--runc-binary", RUNTIME, "--snapshotter", "native",
-                             "--rm", "-t", IMAGE, "h6", "sh", "-c", "test -t 0 && echo TTY; read x; echo got $x"],
+    proc = subprocess.Popen(["ctr", "--address", ctrd.sock, "run", "--runc-binary", ctrd.runtime, "--snapshotter",
+                             "native", "--rm", "-t", IMAGE, "h6", "sh", "-c",
+                             "test -t 0 && echo TTY; read x; echo got $x"],
                             stdin=slave, stdout=slave, stderr=slave, env=ctrd.env, start_new_session=True)
     os.close(slave)
     seen = b""

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,13 @@ def test_api_refuses_what_it_cannot_attach(server, tree):
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": "relative/dir"}), 422,
                        "absolute path to a directory", "tar stream")
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"nope": 1}), 422, "path")
+        proc = {"source": "proc", "target": "/rootfs/proc", "fstype": "proc", "flags": 14}
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "mounts": [proc],
+                                                                        "hostname": "box"}), 404, "vm-000000000000")
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "mounts": [
+            {**proc, "target": "relative"}]}), 422, "mounts")
+        assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", json={"path": str(tree), "hostname": "x" * 65}),
+                       422, "hostname")
         assert_problem(api.post("/v1/vms/vm-000000000000/rootfs", content=b"x", headers={"Content-Type": "text/plain"}),
                        422, "application/x-tar")
         big = _tar({"bin/sh": b"x" * (2 << 20)})  # over the 1 MiB body cap of other routes: streamed, not refused
@@ -115,10 +123,20 @@ def test_image_cache_hits_for_the_same_tree_and_misses_after_a_change(tree, tmp_
     first = rootfs.build_image(tree, tmp_path / "1.ext4", cache=cache)
     copy = tmp_path / "copy"
     shutil.copytree(tree, copy, symlinks=True)  # a new snapshot of the same image: new inodes, same metadata
+    os.utime(copy / "etc", ns=(1, 1))  # but the directories' mtimes of copy time, as containerd's native snapshots
+    os.utime(copy, ns=(2, 2))
     second = rootfs.build_image(copy, tmp_path / "2.ext4", cache=cache)
     assert (first["cached"], second["cached"]) == (False, True)
     assert (tmp_path / "1.ext4").read_bytes() == (tmp_path / "2.ext4").read_bytes()
     assert os.stat(tmp_path / "2.ext4").st_blocks * 512 < second["image_bytes"] // 4  # the holes stayed holes
+    entry = Path(second["cache_entry"])
+    rootfs.make_spare_in_background(entry).join(30)  # what an attach leaves for the next hit
+    assert rootfs.spare_path(entry).exists()
+    spare_inode = os.stat(rootfs.spare_path(entry)).st_ino
+    again = rootfs.build_image(copy, tmp_path / "2b.ext4", cache=cache)
+    assert again["cached"] and os.stat(tmp_path / "2b.ext4").st_ino == spare_inode  # renamed, not copied
+    assert (tmp_path / "2b.ext4").read_bytes() == (tmp_path / "1.ext4").read_bytes()
+    assert not rootfs.spare_path(entry).exists()
     (copy / "etc" / "hostname").write_text("changed\n")
     third = rootfs.build_image(copy, tmp_path / "3.ext4", cache=cache)
     assert not third["cached"] and debugfs(tmp_path / "3.ext4", "cat /etc/hostname") == "changed\n"

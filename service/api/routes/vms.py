@@ -87,4 +87,5 @@ async def attach_rootfs(vm_id: str, request: Request, rt: RuntimeDep, read_only:
     except ValidationError as exc:
         raise Invalid(f"bad rootfs request: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}: send "
                       "{\"path\": \"/abs/dir\", \"read_only\": false}") from None
-    return await rt.rootfs.attach_path(vm_id, spec.path, spec.read_only, spec.size_mib)
+    return await rt.rootfs.attach_path(vm_id, spec.path, spec.read_only, spec.size_mib,
+                                       [mount.model_dump() for mount in spec.mounts], spec.hostname)
