@@ -10,8 +10,8 @@ container's life. Three series, one pclited restarted with other settings betwee
 
   python tests/bench/containers.py   (as root; in the lab: pclite-lab run -- .venv/bin/python tests/bench/containers.py)
 
-PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_SERIES (all three; a comma-separated subset of
-nice10,deferred,nice0). Before each run the pool is back at its target with no boot in flight: only the refill a
+PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_CLONE (1: the pool refills from clones; 0: cold
+boots), PCLITE_BENCH_SERIES (all three; a comma-separated subset of nice10,deferred,nice0). Before each run the pool is back at its target with no boot in flight: only the refill a
 pclite run's own claim starts competes with it, and nothing with runc's. The runtime is the lean launcher `make venv`
 installs (service/runtime/launcher.py). Its log (PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit
 and its steps (claim, rootfs image and attach, mounts, start, release).
@@ -46,6 +46,7 @@ from tests.support.servers import Pclited, short_tmpdir, vmm_processes  # noqa: 
 
 RUNS = int(os.environ.get("PCLITE_BENCH_RUNS", "10"))
 MEM_MIB = int(os.environ.get("PCLITE_BENCH_MEM_MIB", "128"))
+CLONE = os.environ.get("PCLITE_BENCH_CLONE", "1") != "0"  # the pool refills from clones (the default) or cold boots
 POOL = 1  # one ready VM is all sequential runs need; fewer L2 VMs keep the lab's emulated CPUs responsive
 STEP = re.compile(r"(claim|rootfs|mounts|stand-in|mke2fs|cached image|swap and mount) (\d+) ms")
 INVOCATION = re.compile(r"^(\w+(?: --force)?) \S+: (\d+) ms from exec to exit, (\d+) ms of it before main")
@@ -79,6 +80,17 @@ def timed_run(containerd: Containerd, name: str, runtime: str | None) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"ctr run ({'pclite' if runtime else 'runc'}) failed: {proc.stderr.decode()[-1000:]}")
     return elapsed
+
+
+def dump_vm_logs(data_dir: Path, message: str, service: Pclited) -> None:
+    """Before the work directory goes: the logs of the VMs a failure names, and pclited's tail."""
+    import re
+    for vm_id in dict.fromkeys(re.findall(r"vm-[0-9a-f]{12}", message)):
+        for path in sorted(data_dir.glob(f"**/{vm_id}/*")):
+            if path.is_file():
+                print(f"--- {path} (last 40 lines)\n" + "\n".join(
+                    path.read_text(errors="replace").splitlines()[-40:]), flush=True)
+    print(f"--- pclited log (tail)\n{service.log()[-4000:]}", flush=True)
 
 
 def run_series(api, containerd: Containerd, runtime: str, name: str) -> tuple[list[float], list[float]]:
@@ -160,13 +172,17 @@ def main() -> int:
                 containerd.start()
                 containerd.import_image(busybox_image_tar(workdir / "image.tar"))
             with service.client(timeout=300) as api:
-                api.put("/v1/flavors/default", json={"mem_mib": MEM_MIB, "pool_target": POOL, "max_age_s": 0})
+                api.put("/v1/flavors/default", json={"mem_mib": MEM_MIB, "pool_target": POOL, "max_age_s": 0,
+                                                     "clone": CLONE})
                 runtime_log.write_text("")
                 series[name] = run_series(api, containerd, runtime, name)
                 per_series[name] = step_medians(runtime_log)
                 summarize(name, series[name], per_series[name], results)  # now: a lab that dies later keeps it
                 wait_pool_settled(api)
                 claimed += [vm["id"] for vm in api.get("/v1/vms").json() if vm["state"] == "claimed"]
+    except SystemExit as exc:
+        dump_vm_logs(workdir / "data", str(exc.code), service)
+        raise
     finally:
         containerd.stop()
         service.stop()
