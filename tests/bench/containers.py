@@ -11,10 +11,11 @@ container's life. Three series, one pclited restarted with other settings betwee
   python tests/bench/containers.py   (as root; in the lab: pclite-lab run -- .venv/bin/python tests/bench/containers.py)
 
 PCLITE_BENCH_RUNS (10), PCLITE_BENCH_MEM_MIB (128), PCLITE_BENCH_CLONE (1: the pool refills from clones; 0: cold
-boots), PCLITE_BENCH_SERIES (all three; a comma-separated subset of nice10,deferred,nice0). Before each run the
-pool is back at its target with no boot in flight: only the refill a pclite run's own claim starts competes with
-it, and nothing with runc's. The runtime is the lean launcher `make venv` installs (service/runtime/launcher.py). Its log (PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit
-and its steps (claim, rootfs image and attach, mounts, start, release).
+boots), PCLITE_BENCH_SERIES (all three; a comma-separated subset of nice10,deferred,nice0). Before each run the pool
+is back at its target with no boot in flight: only the refill a pclite run's own claim starts competes with it, and
+nothing with runc's. The runtime is the lean launcher `make venv` installs (service/runtime/launcher.py). Its log
+(PCLITE_RUNTIME_LOG) gives each invocation's time from exec to exit and its steps (claim, rootfs image and attach,
+mounts, start, release).
 """
 
 from __future__ import annotations
