@@ -86,15 +86,19 @@ def cmd_run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         machine.stop("interrupted (Ctrl-C)", 130)
         code = 130
+    return _finish(opts, machine, agent, server, code, machine.plan.kernel_format)
+
+
+def _finish(opts: dict, machine, agent, server, code: int, boot: str) -> int:
+    """After the VM stopped: close the agent channel and API, report why, the --timeline line, release KVM."""
     agent.close()
     if server:
         server.close()
     print(f"pclite: VM stopped: {machine.stop_reason}", file=sys.stderr)
     if opts["timeline"]:
         import json
-        print(json.dumps({"timeline_ms": TIMELINE.as_ms(), "exits": machine.exit_counts(),
-                          "boot": machine.plan.kernel_format, "exit_code": code,
-                          "reason": machine.stop_reason}), file=sys.stderr)
+        print(json.dumps({"timeline_ms": TIMELINE.as_ms(), "exits": machine.exit_counts(), "boot": boot,
+                          "exit_code": code, "reason": machine.stop_reason}), file=sys.stderr)
     machine.close()
     return code
 
@@ -185,16 +189,7 @@ def cmd_restore(argv: list[str]) -> int:
     except KeyboardInterrupt:
         machine.stop("interrupted (Ctrl-C)", 130)
         code = 130
-    agent.close()
-    if server:
-        server.close()
-    print(f"pclite: VM stopped: {machine.stop_reason}", file=sys.stderr)
-    if opts["timeline"]:
-        import json
-        print(json.dumps({"timeline_ms": TIMELINE.as_ms(), "exits": machine.exit_counts(), "boot": "restore",
-                          "exit_code": code, "reason": machine.stop_reason}), file=sys.stderr)
-    machine.close()
-    return code
+    return _finish(opts, machine, agent, server, code, "restore")
 
 
 def cmd_exec(argv: list[str]) -> int:

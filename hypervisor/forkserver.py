@@ -238,11 +238,7 @@ def _fork_warm() -> tuple[int, socket.socket | None]:
 def _wait_as_warm(conn: socket.socket) -> dict | None:
     """In the warm child: detach from the server, make the KVM VM, then wait for a request (None: the server
     went away). The request's fds become stdio, as in _become_vmm."""
-    import _signal
-    _signal.set_wakeup_fd(-1)
-    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    os.setsid()
+    _leave_server()
     keep = conn.fileno()
     os.closerange(3, keep)  # the server's listener, wake pipe and callers' connections
     os.closerange(keep + 1, 1 << 16)
@@ -270,32 +266,24 @@ def _preload_images(argv: list) -> None:
             with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
                 preload(str(argv[argv.index(flag) + 1]))
     if argv[:1] == ["restore"] and "--from" in argv[:-1]:
-        from hypervisor import snapshot
-        snapshot_dir = str(argv[argv.index("--from") + 1])
-        snapshot.preload_snapshot(snapshot_dir)
-        state = snapshot._PRELOADED.get(snapshot_dir)
-        if state is not None and state[1]["config"]["vcpus"] not in snapshot._HOST_IDENTITY:
-            with contextlib.suppress(OSError, ImportError):  # no /dev/kvm: the clone says so
-                from hypervisor.kvm import Kvm
-                kvm = Kvm()
-                try:
-                    snapshot.host_identity(kvm, state[1]["config"]["vcpus"])
-                finally:
-                    kvm.close()
+        from hypervisor.snapshot import preload_snapshot
+        preload_snapshot(str(argv[argv.index("--from") + 1]))
 
 
-def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:
+def _leave_server() -> None:
+    """In a forked child: the server's signal set-up undone, and a session of its own."""
     import _signal
-    conn.close()
     _signal.set_wakeup_fd(-1)
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     os.setsid()
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
+
+
+def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:
+    conn.close()
+    _leave_server()
+    _adopt_request(fds, request)
     os.closerange(3, 1 << 16)  # the server's listener, wake pipe and other callers' connections
-    _adopt_request([], request)
 
 
 def _adopt_request(fds: list[int], request: dict) -> None:

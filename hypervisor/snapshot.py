@@ -318,15 +318,27 @@ def _identity(snapshot_dir: str, state: dict | None = None) -> tuple:
 
 
 def preload_snapshot(snapshot_dir: str) -> None:
-    """Verify `snapshot_dir` once and keep its state in memory (a fork server's children inherit it)."""
+    """Verify `snapshot_dir` once and keep its state in memory, with this host's identity for its vCPU count (a
+    fork server's children inherit both)."""
     cached = _PRELOADED.get(snapshot_dir)
     try:
-        if cached and _identity(snapshot_dir, cached[1]) == cached[0]:
-            return
-        state = load_snapshot(snapshot_dir, use_preloaded=False)
-        _PRELOADED[snapshot_dir] = (_identity(snapshot_dir, state), state)
+        if not (cached and _identity(snapshot_dir, cached[1]) == cached[0]):
+            state = load_snapshot(snapshot_dir, use_preloaded=False)
+            cached = _PRELOADED[snapshot_dir] = (_identity(snapshot_dir, state), state)
+        vcpus = cached[1]["config"]["vcpus"]
     except (SnapshotError, OSError, KeyError, TypeError, ValueError):
         _PRELOADED.pop(snapshot_dir, None)  # the clone reports it, in its own words
+        return
+    if vcpus not in _HOST_IDENTITY:
+        from hypervisor.kvm import Kvm
+        try:
+            kvm = Kvm()
+        except OSError:
+            return  # no usable /dev/kvm: the clone says so
+        try:
+            host_identity(kvm, vcpus)
+        finally:
+            kvm.close()
 
 
 def load_snapshot(snapshot_dir: str, use_preloaded: bool = True) -> dict:

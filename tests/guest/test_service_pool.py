@@ -8,16 +8,14 @@ Each step has its own timeout: a lab boot takes ~3–4 s.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import re
-import shutil
 import signal
 import time
 
 import pytest
 
-from tests.support.servers import Pclited, short_tmpdir, vmm_processes
+from tests.support.servers import running_pclited, vmm_processes
 
 STEP_S = 45.0  # per step: a few lab boots, two at a time
 SETTINGS = {"boot_concurrency": 2, "pool_tick_s": 0.2, "supervise_interval_s": 0.1, "health_interval_s": 2,
@@ -26,23 +24,8 @@ SETTINGS = {"boot_concurrency": 2, "pool_tick_s": 0.2, "supervise_interval_s": 0
 
 @pytest.fixture
 def service():
-    workdir = short_tmpdir()
-    svc = Pclited(workdir / "data", **SETTINGS)
-    svc.start()
-    yield svc
-    with contextlib.suppress(Exception), svc.client() as api:
-        for flavor in api.get("/v1/flavors").json():
-            api.delete(f"/v1/flavors/{flavor['name']}")
-        for vm in api.get("/v1/vms").json():
-            if vm["state"] not in ("stopped", "failed"):
-                api.delete(f"/v1/vms/{vm['id']}", params={"wait": "true"})
-    svc.stop()
-    leftovers = vmm_processes(workdir / "data" / "run")
-    for pid in leftovers.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(workdir, ignore_errors=True)
-    assert not leftovers, f"VMMs left running after the test: {leftovers}"
+    with running_pclited(**SETTINGS) as svc:
+        yield svc
 
 
 def pool(api, flavor):

@@ -221,3 +221,26 @@ def database_url(backend: str, tmp_dir: Path) -> str:
     if backend == "sqlite":
         return f"sqlite:///{tmp_dir / 'pclite.db'}"
     return shared_postgres().new_database()
+
+
+@contextlib.contextmanager
+def running_pclited(**settings):
+    """A started Pclited in a fresh data dir; afterwards its flavors and VMs are deleted, it is stopped, and any VMM
+    still running (pool VMs, or template VMs under run/tpl) is killed and fails the test."""
+    workdir = short_tmpdir()
+    svc = Pclited(workdir / "data", **settings)
+    svc.start()
+    yield svc
+    with contextlib.suppress(Exception), svc.client() as api:
+        for flavor in api.get("/v1/flavors").json():
+            api.delete(f"/v1/flavors/{flavor['name']}")
+        for vm in api.get("/v1/vms").json():
+            if vm["state"] not in ("stopped", "failed"):
+                api.delete(f"/v1/vms/{vm['id']}", params={"wait": "true"})
+    svc.stop()
+    leftovers = vmm_processes(workdir / "data" / "run") | vmm_processes(workdir / "data" / "run" / "tpl")
+    for pid in leftovers.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert not leftovers, f"VMMs left running after the test: {leftovers}"
