@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from guestboot.cache import BuildError
+from guestboot.cache import BuildError, cache_root
 from guestboot.lab.assets import stock_kernel
 from guestboot.lab.detect import host_kvm_status
 from guestboot.lab.runner import LabError, LabKernelPanic, LabRequest, run_in_lab
 
 GUEST_TEST_TIMEOUT_S = 600
+# When the lab's own kernel panics, the tests that had not finished run in a fresh lab: up to this many labs, while
+# labs keep finishing tests, and none started after the budget (CI has 90 minutes in all).
+GUEST_TEST_LABS = 8
+GUEST_TEST_BUDGET_S = 3600
+PROGRESS_ENV = "PCLITE_TEST_PROGRESS"  # tests/conftest.py appends "<outcome> <node id>" there per finished test
 LAB_TIMEOUT_S = {"run": 3600, "test": 2400}  # test: CI has 90 minutes in all
 
 
@@ -51,27 +58,79 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_lab(args, argv: list[str], attempts: int = 1) -> int:
-    """`attempts` > 1: run again in a fresh lab when the lab's own kernel panicked (not when the command
-    failed): the nested KVM of the lab (kvm-amd under TCG) has crashed that way now and then."""
-    request = LabRequest(command=argv, workdir=Path.cwd(), mem_mib=args.mem, cpus=args.cpus,
-                         timeout_s=args.timeout, forwards=args.forward)
+def _request(args, argv: list[str], env: dict[str, str] | None = None) -> LabRequest:
+    return LabRequest(command=argv, workdir=Path.cwd(), mem_mib=args.mem, cpus=args.cpus,
+                      timeout_s=args.timeout, forwards=args.forward, env=env or {})
+
+
+def _run_lab(args, argv: list[str]) -> int:
+    """Once: a command that is not a test session (a benchmark, a service) is never silently run twice."""
     started = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            code = run_in_lab(request)
-            break
-        except LabKernelPanic as exc:
-            if attempt == attempts:
-                print(f"pclite-lab: error: {exc}; gave up after {attempts} lab(s)", file=sys.stderr)
-                return 125
-            print(f"pclite-lab: {exc}; running it again in a fresh lab (attempt {attempt + 1} of {attempts})",
-                  file=sys.stderr, flush=True)
-        except (LabError, BuildError) as exc:
-            print(f"pclite-lab: error: {exc}", file=sys.stderr)
-            return 125
+    try:
+        code = run_in_lab(_request(args, argv))
+    except (LabError, BuildError) as exc:
+        print(f"pclite-lab: error: {exc}", file=sys.stderr)
+        return 125
     print(f"pclite-lab: command exited {code} after {time.monotonic() - started:.1f}s in the lab", file=sys.stderr)
     return code
+
+
+def finished_tests(progress: Path) -> dict[str, str]:
+    """Node id → outcome of every test that finished in an earlier lab ("failed" sticks)."""
+    finished: dict[str, str] = {}
+    if progress.exists():
+        for line in progress.read_text(errors="replace").splitlines():
+            outcome, _, node_id = line.partition(" ")
+            if node_id and finished.get(node_id) != "failed":
+                finished[node_id] = outcome
+    return finished
+
+
+def _run_tests_in_lab(args, pytest_argv: list[str], labs: int = GUEST_TEST_LABS) -> int:
+    """A test session that survives the lab's own kernel panicking: the nested KVM of the lab (kvm-amd under
+    TCG) has crashed now and then (stack corruption inside KVM_RUN, stray NMIs). Then a fresh lab runs the tests
+    that had not finished; finished ones keep their outcome, so a failure is never retried away."""
+    started = time.monotonic()
+    (cache_root() / "lab").mkdir(parents=True, exist_ok=True)
+    progress_dir = Path(tempfile.mkdtemp(prefix="progress-", dir=cache_root() / "lab"))  # inside a lab share
+    progress = progress_dir / "finished"
+    stalled = 0  # labs in a row that finished no test
+    try:
+        for lab in range(1, labs + 1):
+            earlier = finished_tests(progress)
+            argv = pytest_argv + [f"--deselect={node_id}" for node_id in earlier]
+            try:
+                code = run_in_lab(_request(args, argv, env={PROGRESS_ENV: str(progress)}))
+            except LabKernelPanic as exc:
+                done = finished_tests(progress)
+                failed = sum(outcome == "failed" for outcome in done.values())
+                kept = f"{len(done)} finished test(s) keep their outcome ({failed} failed)"
+                stalled = 0 if len(done) > len(earlier) else stalled + 1
+                why = ("two labs in a row finished no test" if stalled >= 2 else f"{labs} labs" if lab == labs else
+                       f"{GUEST_TEST_BUDGET_S}s" if time.monotonic() - started > GUEST_TEST_BUDGET_S else None)
+                if why:
+                    print(f"pclite-lab: error: {exc}; gave up after {lab} lab(s) ({why}); {kept}", file=sys.stderr)
+                    return 125
+                print(f"pclite-lab: {exc}; {kept}; the others run in a fresh lab (lab {lab + 1} of at most "
+                      f"{labs})", file=sys.stderr, flush=True)
+                continue
+            except (LabError, BuildError) as exc:
+                print(f"pclite-lab: error: {exc}", file=sys.stderr)
+                return 125
+            if lab > 1:
+                failed_earlier = sorted(node for node, outcome in earlier.items() if outcome == "failed")
+                if code == 5 and earlier:
+                    code = 0  # every test had finished before the panic
+                if failed_earlier and code == 0:
+                    code = 1
+                print(f"pclite-lab: the tests ran in {lab} labs; {len(earlier)} finished in earlier ones"
+                      + (f", failed there: {', '.join(failed_earlier)}" if failed_earlier else ""), file=sys.stderr)
+            print(f"pclite-lab: tests exited {code} after {time.monotonic() - started:.1f}s in the lab",
+                  file=sys.stderr)
+            return code
+    finally:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    return 125
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pclite-lab: guest tests run directly: {reason}", file=sys.stderr)
         return subprocess.call(pytest)
     print(f"pclite-lab: guest tests run inside the lab: {reason}", file=sys.stderr)
-    return _run_lab(args, pytest, attempts=2)
+    return _run_tests_in_lab(args, pytest)
 
 
 if __name__ == "__main__":

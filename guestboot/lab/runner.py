@@ -48,11 +48,13 @@ class LabRequest:
     timeout_s: float = 3600.0
     forwards: list[tuple[int, int]] = field(default_factory=list)  # (host port on 127.0.0.1, guest port)
     extra_shares: list[Path] = field(default_factory=list)  # writable inside the lab at the same path
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the command
 
 
 def _command_script(request: LabRequest, results: Path) -> str:
     env = {name: os.environ[name] for name in os.environ
            if name in PASSED_ENV or name.startswith(PASSED_PREFIXES)}
+    env.update(request.env)
     env["PCLITE_IN_LAB"] = "1"
     env["TERM"] = "dumb"  # the lab console is a serial tty: no colour codes in the streamed output
     env["PCLITE_LAB_RESULTS"] = str(results)
@@ -70,11 +72,12 @@ def qemu_command(request: LabRequest, results: Path, shares: list[tuple[str, Pat
     cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(request.cpus), "-m", str(request.mem_mib),
            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
            "-bios", "qboot.rom", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
-           # A stuck lab must end with a stack trace, not sit out the timeout: hung tasks panic, and the NMI sent
-           # at timeout (see _stream) panics with every CPU's backtrace. Soft lockups only warn: under TCG an IPI
-           # to a CPU running a nested guest can take 20+ s to land (kvm_destroy_vm, TLB flushes), then all goes on.
+           # A stuck lab must end with a stack trace, not sit out the timeout: hung tasks panic, and at timeout
+           # (see _stream) magic SysRq keys print every CPU's backtrace and the blocked tasks. Soft lockups only
+           # warn: under TCG an IPI to a CPU running a nested guest can take 20+ s to land, then all goes on.
+           # Stray NMIs only warn too: the nested SVM of TCG delivers "NMI for unknown reason" now and then.
            "-append", "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable hung_task_panic=1 "
-                      "hung_task_timeout_secs=300 unknown_nmi_panic=1 panic_print=0x40",
+                      "hung_task_timeout_secs=300 sysrq_always_enabled=1 panic_print=0x40",
            "-monitor", f"unix:{results / MONITOR_SOCKET},server=on,wait=off",
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
@@ -145,12 +148,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
-def _send_nmi(monitor: Path) -> None:
+def _ask_for_backtraces(monitor: Path) -> None:
+    """SysRq through the lab's PS/2 keyboard: w = blocked tasks, l = every CPU's backtrace."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(2)
             sock.connect(str(monitor))
-            sock.sendall(b"nmi\n")
+            sock.sendall(b"sendkey alt-sysrq-w\nsendkey alt-sysrq-l\n")
             time.sleep(0.5)
     except OSError:
         pass  # the backtrace is a courtesy; the timeout error is reported either way
@@ -158,7 +162,7 @@ def _send_nmi(monitor: Path) -> None:
 
 def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> tuple[bytes, bool]:
     """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; past the timeout, ask the lab kernel for
-    its backtraces (NMI) and give it a few seconds to print them, then kill it. Returns (the last 4 KiB of the
+    its backtraces (SysRq) and give it a few seconds to print them, then kill it. Returns (the last 4 KiB of the
     console, whether the lab's kernel panicked on its own)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
@@ -173,8 +177,8 @@ def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) 
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not timed_out and monitor is not None:
                 timed_out = True
-                out.write(b"\npclite-lab: timeout; asking the lab kernel for backtraces (NMI)\n")
-                _send_nmi(monitor)
+                out.write(b"\npclite-lab: timeout; asking the lab kernel for backtraces (SysRq w, l)\n")
+                _ask_for_backtraces(monitor)
                 deadline = time.monotonic() + BACKTRACE_GRACE_S
                 continue
             if remaining <= 0:

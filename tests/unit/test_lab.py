@@ -65,24 +65,71 @@ def test_console_stream_tells_a_lab_kernel_panic_from_a_normal_end():
     assert not panicked and tail == b"all good\n"
 
 
-def test_guest_tests_run_again_once_when_the_lab_kernel_panics(monkeypatch, capsys):
+def test_guest_tests_go_on_in_a_fresh_lab_after_a_lab_kernel_panic(monkeypatch, capsys, tmp_path):
     from types import SimpleNamespace
 
     from guestboot.lab import cli
     from guestboot.lab.runner import LabKernelPanic
-    outcomes = [LabKernelPanic("the lab's kernel panicked after 72s"), 0]
+    monkeypatch.setenv("PCLITE_CACHE", str(tmp_path))
+    labs = []
 
     def fake_lab(request):
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        """Each lab: finish the tests in its plan, then panic or return the code."""
+        progress = Path(request.env[cli.PROGRESS_ENV])
+        labs.append(request.command)
+        finishes, end = plan.pop(0)
+        with open(progress, "a") as log:
+            log.writelines(f"{outcome} {node}\n" for outcome, node in finishes)
+        if end == "panic":
+            raise LabKernelPanic("the lab's kernel panicked after 72s")
+        return end
     monkeypatch.setattr(cli, "run_in_lab", fake_lab)
     args = SimpleNamespace(mem=1024, cpus=1, timeout=10, forward=[])
-    assert cli._run_lab(args, ["pytest"], attempts=2) == 0
-    assert "running it again in a fresh lab (attempt 2 of 2)" in capsys.readouterr().err
-    outcomes[:] = [LabKernelPanic("panicked"), LabKernelPanic("panicked again")]
-    assert cli._run_lab(args, ["pytest"], attempts=2) == 125
-    assert "gave up after 2 lab(s)" in capsys.readouterr().err
-    outcomes[:] = [LabKernelPanic("panicked")]
+
+    plan = [([("passed", "t.py::a"), ("failed", "t.py::b")], "panic"), ([("passed", "t.py::c")], 0)]
+    assert cli._run_tests_in_lab(args, ["pytest"]) == 1  # b failed in the first lab: never retried away
+    assert labs[1] == ["pytest", "--deselect=t.py::a", "--deselect=t.py::b"]
+    err = capsys.readouterr().err
+    assert "2 finished test(s) keep their outcome (1 failed); the others run in a fresh lab (lab 2 of at most" in err
+    assert "failed there: t.py::b" in err
+
+    labs.clear()
+    plan = [([("passed", "t.py::a")], "panic"), ([], 5)]  # the panic came after the last test
+    assert cli._run_tests_in_lab(args, ["pytest"]) == 0
+
+    plan = [([("passed", f"t.py::{n}")], "panic") for n in range(cli.GUEST_TEST_LABS)]
+    assert cli._run_tests_in_lab(args, ["pytest"]) == 125
+    assert f"gave up after {cli.GUEST_TEST_LABS} lab(s) ({cli.GUEST_TEST_LABS} labs)" in capsys.readouterr().err
+
+    plan = [([("passed", "t.py::a")], "panic"), ([], "panic"), ([], "panic"), ([], 0)]
+    assert cli._run_tests_in_lab(args, ["pytest"]) == 125
+    assert "gave up after 3 lab(s) (two labs in a row finished no test)" in capsys.readouterr().err
+    assert not list((tmp_path / "lab").glob("progress-*"))  # cleaned up
+
+
+def test_a_test_session_records_what_finished_and_skips_what_is_deselected(tmp_path):
+    import os
+    import subprocess
+    import sys
+    progress = tmp_path / "finished"
+    here = "tests/unit/test_lab.py"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{here}::test_no_dev_kvm_cannot_boot_linux", f"{here}::test_kvm_amd_can_boot_linux",
+                          f"--deselect={here}::test_kvm_amd_can_boot_linux"],
+                         env={**os.environ, "PCLITE_TEST_PROGRESS": str(progress)},
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert progress.read_text() == f"passed {here}::test_no_dev_kvm_cannot_boot_linux\n"
+
+
+def test_only_test_sessions_run_again(monkeypatch):
+    from types import SimpleNamespace
+
+    from guestboot.lab import cli
+    from guestboot.lab.runner import LabKernelPanic
+
+    def fake_lab(request):
+        raise LabKernelPanic("panicked")
+    monkeypatch.setattr(cli, "run_in_lab", fake_lab)
+    args = SimpleNamespace(mem=1024, cpus=1, timeout=10, forward=[])
     assert cli._run_lab(args, ["bench"]) == 125  # `run` (benchmarks, services): never silently twice
