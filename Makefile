@@ -24,10 +24,13 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a plain .pth: the import-hook finder costs start-up time
-	@$(PY) -m service.runtime.launcher $(VENV)/bin/pclite-runtime >/dev/null  # containerd starts it 4x per container: start it lean
 	@touch $@
 
-venv: $(STAMP)
+# containerd starts the runtime 4x per container: a C quick path for start/delete, then a lean Python launcher.
+$(VENV)/bin/pclite-runtime: $(STAMP) service/runtime/quickpath.c service/runtime/launcher.py
+	@$(PY) -m service.runtime.launcher $@ >/dev/null
+
+venv: $(STAMP) $(VENV)/bin/pclite-runtime
 
 kernel: deps venv
 	@$(PY) -m guestboot.kernel build

@@ -3,6 +3,10 @@ and each start pays the interpreter's start-up in full.
 
   python -m service.runtime.launcher [--python PY] PATH      (`make venv` writes .venv/bin/pclite-runtime)
 
+PATH is the quick path (quickpath.c, built with the system's C compiler): `start` and most `delete` calls are
+answered there in a few ms, everything else goes to the Python runtime written next to it as PATH-py. Without a C
+compiler PATH is the Python runtime itself.
+
 pip's console script runs the venv's interpreter with site (the venv's site-packages and .pth files): ~60 ms of
 each start in the lab, for a runtime that needs nothing but the standard library. The file written here starts
 with `#!PY -IS` (isolated: no site, no PYTHON* variables, no cwd on sys.path) and puts this project on sys.path
@@ -28,6 +32,7 @@ from service.runtime.main import main
 sys.exit(main())
 """
 TRIES = 3
+QUICK_PATH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickpath.c")
 
 
 def candidates() -> list[str]:
@@ -60,15 +65,43 @@ def quickest_python() -> str:
     return min(timed)[1] if timed else sys.executable
 
 
-def write(path: str, python: str | None = None) -> str:
-    """Write the launcher at path (atomically, mode 755); returns the interpreter it uses."""
+def write(path: str, python: str | None = None) -> tuple[str, str | None]:
+    """Write the runtime at path (atomically, mode 755): the quick path in front of the Python runtime (PATH-py),
+    or the Python runtime alone. Returns (the interpreter used, why there is no quick path or None)."""
     python = os.path.realpath(python or quickest_python())
+    script = os.path.abspath(path) + "-py"
+    _write_atomic(script, SCRIPT.format(python=python, root=ROOT).encode())
+    why_not = compile_quick_path(path, script)
+    if why_not:
+        _write_atomic(path, SCRIPT.format(python=python, root=ROOT).encode())
+    return python, why_not
+
+
+def compile_quick_path(path: str, python_runtime: str) -> str | None:
+    """Build quickpath.c into path, handing over to python_runtime; None when done, else why not."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc)"
+    if '"' in python_runtime or "\\" in python_runtime:
+        return f"the path {python_runtime} cannot be compiled in"
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(SCRIPT.format(python=python, root=ROOT))
+    try:
+        built = subprocess.run([compiler, "-O2", "-Wall", f'-DPYTHON_RUNTIME="{python_runtime}"', "-o", tmp,
+                                QUICK_PATH_SOURCE], capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{compiler} failed ({exc})"
+    if built.returncode != 0:
+        return f"{compiler} failed: {built.stderr.strip()[-300:]}"
+    os.replace(tmp, path)
+    return None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
-    return python
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: {python} is not a Python >= 3.11 that starts: give another --python", file=sys.stderr)
         return 1
     try:
-        used = write(args[0], python)
+        used, why_not = write(args[0], python)
     except OSError as exc:
         print(f"launcher: cannot write {args[0]} ({exc.strerror}): is its directory there and writable?",
               file=sys.stderr)
         return 1
-    print(f"wrote {args[0]} (#!{used} -IS, project {ROOT})")
+    if why_not:
+        print(f"wrote {args[0]} (#!{used} -IS, project {ROOT}); no quick path for start/delete: {why_not}")
+    else:
+        print(f"wrote {args[0]} (quick path for start/delete) and {args[0]}-py (#!{used} -IS, project {ROOT})")
     return 0
 
 

@@ -9,6 +9,7 @@ identity checks that survive pid reuse.
   <root>/<id>/init.error      the stand-in, when it could not start it: the reason
   <root>/<id>/execs/<pid>.json  one per `exec` stand-in: {"exec_id", "guest_pid", "start_time"}
   <root>/<id>/paused          present while the VM is paused
+  <root>/<id>/released        the init stand-in released the VM when the process ended: `delete` removes files only
 """
 
 import os

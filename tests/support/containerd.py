@@ -167,8 +167,8 @@ def ensure_cgroup_mount() -> str | None:
 
 
 def runtime_binary(directory: Path) -> str:
-    """A lean pclite-runtime launcher (what `make venv` installs as .venv/bin/pclite-runtime), written into directory
-    for this checkout: the tests and the bench measure what a user gets."""
+    """The pclite-runtime `make venv` installs as .venv/bin/pclite-runtime (the C quick path in front of the lean
+    Python launcher), written into directory for this checkout: the tests and the bench measure what a user gets."""
     from service.runtime import launcher
     path = directory / "pclite-runtime"
     launcher.write(str(path))
@@ -184,6 +184,7 @@ def runtime_processes() -> list[int]:
                 args = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(a.endswith(b"pclite-runtime") or a == b"service.runtime.main" for a in args[:3]):
+            if any(a.endswith((b"pclite-runtime", b"pclite-runtime-py")) or a == b"service.runtime.main"
+                   for a in args[:3]):
                 found.append(int(entry.name))
     return found
