@@ -151,7 +151,8 @@ def main() -> int:
         raise SystemExit(f"PCLITE_BENCH_SERIES: unknown series {unknown}: pick from {', '.join(SERIES)}")
     workdir = short_tmpdir("pcl-ctr-")
     runtime = runtime_binary(workdir)
-    print(f"runtime: {Path(runtime).read_text().splitlines()[0]}")
+    quick = Path(runtime).read_bytes()[:4] == b"\x7fELF"
+    print(f"runtime: {'C quick path, then ' if quick else ''}{Path(runtime + '-py').read_text().splitlines()[0]}")
     service = Pclited(workdir / "data", boot_concurrency=1, pool_tick_s=0.2, supervise_interval_s=0.1,
                       boot_timeout_s=120, health_interval_s=30)
     runtime_log = workdir / "runtime.log"
