@@ -20,7 +20,8 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+
+from hypervisor import interpreters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = """#!{python} -IS
@@ -35,34 +36,13 @@ TRIES = 3
 QUICK_PATH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickpath.c")
 
 
-def candidates() -> list[str]:
-    found = []
-    for python in (sys.executable, shutil.which("python3", path="/usr/bin:/bin"), shutil.which("python3")):
-        if python and os.path.realpath(python) not in [os.path.realpath(p) for p in found]:
-            found.append(python)
-    return found
-
-
 def start_s(python: str) -> float | None:
-    """The quickest of TRIES isolated starts, or None when it is not a Python >= 3.11."""
-    best = None
-    for _ in range(TRIES):
-        started = time.perf_counter()
-        try:
-            done = subprocess.run([python, "-IS", "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
-                                  capture_output=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if done.returncode != 0:
-            return None
-        took = time.perf_counter() - started
-        best = took if best is None else min(best, took)
-    return best
+    """The quickest of a few isolated starts, or None when it is not a Python >= 3.11."""
+    return interpreters.start_s(python)
 
 
 def quickest_python() -> str:
-    timed = [(took, python) for python in candidates() if (took := start_s(python)) is not None]
-    return min(timed)[1] if timed else sys.executable
+    return interpreters.quickest_python()
 
 
 def write(path: str, python: str | None = None) -> tuple[str, str | None]:
