@@ -67,6 +67,7 @@ class _Kernel:
         self.initrd_limit = initrd_limit
         self.cmdline_limit = cmdline_limit
         self.details = {} if details is None else details
+        self.unpacked: bytes | memoryview | None = None  # the vmlinux unpacked on the host, for the plan's caller
 
     @property
     def start(self) -> int:
@@ -78,17 +79,20 @@ class _Kernel:
 
 
 def plan_boot(kernel: bytes | memoryview, *, initrd: bytes | memoryview | None = None, cmdline: str = "",
-              mem_bytes: int, vcpus: int = 1, boot: str = "auto") -> BootPlan:
+              mem_bytes: int, vcpus: int = 1, boot: str = "auto",
+              unpacked: bytes | memoryview | None = None) -> BootPlan:
     """Everything the VMM copies into guest RAM, and where the boot vCPU starts.
 
     boot: "auto" (ELF with PVH note -> pvh, other ELF -> elf64, bzImage -> its 64-bit entry), "pvh" (require a PVH
     entry, unpacking a bzImage on the host), "bzimage", "unpack" (bzImage -> host-unpacked vmlinux via PVH, else the
     bzImage entry with details["fallback"] saying why), "elf64" (an ELF's e_entry even if it has a PVH note).
+    unpacked: what this bzImage unpacked to before (the caller's cache), instead of decompressing it again; a
+    plan that did decompress carries the result as plan.unpacked_kernel, for the caller to keep.
     """
     if boot not in BOOT_MODES:
         raise LoaderError(f"unknown boot mode {boot!r}: expected one of {', '.join(BOOT_MODES)}")
     image = memoryview(kernel)
-    chosen = _choose_kernel(image, boot)
+    chosen = _choose_kernel(image, boot, unpacked)
     _check_memory(mem_bytes, chosen)
     regions = ram_regions(mem_bytes)
     low_end = regions[0][1]
@@ -121,7 +125,9 @@ def plan_boot(kernel: bytes | memoryview, *, initrd: bytes | memoryview | None =
     ranges = chosen.footprint + [_range(s) for s in segments if s.what != "kernel"]
     check_no_overlap(ranges)
     check_in_ram(ranges, regions)
-    return BootPlan(chosen.entry_mode, chosen.entry, boot_info, segments, e820, chosen.kernel_format, details)
+    plan = BootPlan(chosen.entry_mode, chosen.entry, boot_info, segments, e820, chosen.kernel_format, details)
+    plan.unpacked_kernel = chosen.unpacked if unpacked is None else None
+    return plan
 
 
 def e820_map(mem_bytes: int) -> list[tuple[int, int, int]]:
@@ -164,7 +170,7 @@ def check_in_ram(items: Iterable[Segment | Range], regions: Sequence[tuple[int, 
                               f"memory (--mem) or use a kernel linked for lower addresses")
 
 
-def _choose_kernel(image: memoryview, boot: str) -> _Kernel:
+def _choose_kernel(image: memoryview, boot: str, unpacked: bytes | memoryview | None = None) -> _Kernel:
     if is_elf(image):
         if boot in ("bzimage", "unpack"):
             raise LoaderError(f"boot={boot!r} needs a bzImage but the kernel is an ELF vmlinux: use boot='auto', "
@@ -184,7 +190,7 @@ def _choose_kernel(image: memoryview, boot: str) -> _Kernel:
         return _bzimage_kernel(image, header)
     try:
         compression = payload(image)[0]
-        vmlinux = unpack_bzimage(image)
+        vmlinux = unpack_bzimage(image) if unpacked is None else memoryview(unpacked)
         elf = parse_elf(vmlinux)
         if elf.pvh_entry is None:
             raise LoaderError("the unpacked vmlinux has no PVH entry note: the kernel lacks CONFIG_PVH=y")
@@ -197,7 +203,9 @@ def _choose_kernel(image: memoryview, boot: str) -> _Kernel:
     kernel = _elf_kernel(elf, "bzImage-unpacked")
     kernel.initrd_limit = header.initrd_addr_max + 1
     kernel.cmdline_limit = min(CMDLINE_MAX - 1, header.cmdline_size)
-    kernel.details.update(_header_details(image, header), compression=compression, unpacked_bytes=len(vmlinux))
+    kernel.details.update(_header_details(image, header), compression=compression, unpacked_bytes=len(vmlinux),
+                          unpacked_before=unpacked is not None)
+    kernel.unpacked = vmlinux
     return kernel
 
 

@@ -21,7 +21,7 @@ Segment = namedtuple("Segment", "gpa data what")
 
 
 class BootPlan:
-    __slots__ = ("entry_mode", "entry", "boot_info", "segments", "e820", "kernel_format", "details")
+    __slots__ = ("entry_mode", "entry", "boot_info", "segments", "e820", "kernel_format", "details", "unpacked_kernel")
 
     def __init__(self, entry_mode: str, entry: int, boot_info: int, segments: list[Segment],
                  e820: list[tuple[int, int, int]], kernel_format: str, details: dict | None = None):
@@ -34,6 +34,7 @@ class BootPlan:
         self.e820 = e820  # (addr, size, type)
         self.kernel_format = kernel_format  # "bzImage", "bzImage-unpacked", "elf-pvh", "elf64"
         self.details = {} if details is None else details  # e.g. compression, protocol: for logs and the timeline
+        self.unpacked_kernel: bytes | memoryview | None = None  # a bzImage's vmlinux, when unpacked for this plan
 
     def __repr__(self) -> str:
         return (f"BootPlan({self.entry_mode}, entry={self.entry:#x}, boot_info={self.boot_info:#x}, "

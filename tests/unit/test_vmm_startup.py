@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +12,7 @@ from guestboot.layout import CMDLINE_ADDR
 from guestboot.plan import LoaderError, Segment
 from hypervisor.boot_images import BootImages, kernel_cmdline
 from hypervisor.image_file import ImageFile, load_segments
+from hypervisor.interpreters import vmm_python
 from hypervisor.launch import vmm_command
 from hypervisor.memory import GuestMemory
 
@@ -25,7 +26,7 @@ RUN_PATH = ("hypervisor.__main__", "hypervisor.vm", "hypervisor.agent_channel", 
 
 def test_launcher_starts_the_vmm_from_anywhere_without_site(tmp_path):
     cmd = vmm_command(["run", "--kernel", str(tmp_path / "missing")])
-    assert cmd[:3] == [sys.executable, "-S", "-P"] and "hypervisor" in cmd  # /proc scans look for that element
+    assert cmd[:3] == [vmm_python(), "-S", "-P"] and "hypervisor" in cmd  # /proc scans look for that element
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and "kernel" in out.stderr and "does not exist" in out.stderr, out.stderr
@@ -90,3 +91,39 @@ def test_boot_images_hand_their_error_to_result(tmp_path):
     assert unmappable.memory is None
     with pytest.raises((OSError, ValueError, OverflowError)):
         unmappable.result()
+
+
+def test_a_host_unpacked_bzimage_is_kept_for_the_next_vm(images, tmp_path, monkeypatch):
+    import threading
+
+    from hypervisor.boot_images import unpacked_cache_file
+    monkeypatch.setenv("PCLITE_CACHE", str(tmp_path / "cache"))
+    kernel = tmp_path / "bzImage"
+    vmlinux = images.elf()
+    kernel.write_bytes(images.bzimage(vmlinux, compression="lz4"))
+
+    def boot():
+        loading = BootImages(str(kernel), None, "console=ttyS0", 64 << 20, 1, "unpack")
+        plan = loading.result()
+        for thread in threading.enumerate():
+            if thread.name == "keep-unpacked":
+                thread.join()
+        for segment in plan.segments:
+            assert loading.memory.read(segment.gpa, len(segment.data)) == bytes(segment.data), segment.what
+        return plan
+    first = boot()
+    kept = unpacked_cache_file(str(kernel))
+    assert first.kernel_format == "bzImage-unpacked" and not first.details["unpacked_before"]
+    assert Path(kept).read_bytes() == vmlinux
+    second = boot()
+    assert second.kernel_format == "bzImage-unpacked" and second.details["unpacked_before"]
+    assert [bytes(s.data) for s in second.segments] == [bytes(s.data) for s in first.segments]
+    with open(kept, "r+b") as damaged:
+        damaged.write(b"junk")  # not an ELF any more: unpacked afresh, and kept again
+    third = boot()
+    assert not third.details["unpacked_before"] and "fallback" not in third.details
+    assert Path(kept).read_bytes() == vmlinux
+    kernel.write_bytes(images.bzimage(vmlinux, compression="gzip"))  # a new kernel at the same path
+    os.utime(kernel, ns=(1, 1))
+    assert not boot().details["unpacked_before"]
+    assert os.listdir(os.path.dirname(kept)) == [os.path.basename(unpacked_cache_file(str(kernel)))]  # old one gone
