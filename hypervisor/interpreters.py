@@ -3,8 +3,8 @@
 Debian's /usr/bin/python3 with `-S`). VMM processes and pclite-runtime start often, so they use the quickest.
 
   vmm_python()        for VMM processes: same major.minor as this one (they load its site-packages' C extensions,
-                      lz4/zstandard); the choice is cached in <cache>/vmm-python.json, keyed by both interpreters'
-                      size and mtime. PCLITE_VMM_PYTHON=PATH picks one.
+                      lz4/zstandard); the choice is cached in <cache>/vmm-python.json, keyed by the kernel
+                      (uname) and the interpreters' size and mtime. PCLITE_VMM_PYTHON=PATH picks one.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def vmm_python() -> str:
         return _chosen[0]
     from guestboot.cache import cache_root
     record = cache_root() / "vmm-python.json"
-    try:
-        key = [_identity(python) for python in candidates()]
+    try:  # the same files start at different speeds on another kernel (the lab shares this cache with its host)
+        key = [list(os.uname()), *(_identity(python) for python in candidates())]
     except OSError:
         return sys.executable
     try:

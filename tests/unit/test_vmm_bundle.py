@@ -80,7 +80,8 @@ def test_the_vmm_interpreter_is_chosen_once_and_remembered(tmp_path, monkeypatch
     chosen = interpreters.vmm_python()
     assert chosen in interpreters.candidates()
     record = json.loads((tmp_path / "vmm-python.json").read_text())
-    assert record["python"] == chosen and record["key"][0][0] == os.path.realpath(sys.executable)
+    assert record["python"] == chosen and record["key"][0] == list(os.uname())
+    assert record["key"][1][0] == os.path.realpath(sys.executable)
     monkeypatch.setattr(interpreters, "_chosen", [])
     monkeypatch.setattr(interpreters, "quickest_python", lambda *a: pytest.fail("measured again"))
     assert interpreters.vmm_python() == chosen  # from the record
