@@ -75,9 +75,10 @@ def qemu_command(request: LabRequest, results: Path, shares: list[tuple[str, Pat
            # A stuck lab must end with a stack trace, not sit out the timeout: hung tasks panic, and at timeout
            # (see _stream) magic SysRq keys print every CPU's backtrace and the blocked tasks. Soft lockups only
            # warn: under TCG an IPI to a CPU running a nested guest can take 20+ s to land, then all goes on.
+           # i8042.nopnp: the SysRq keys need the PS/2 keyboard, which qboot (no ACPI) does not announce.
            # Stray NMIs only warn too: the nested SVM of TCG delivers "NMI for unknown reason" now and then.
            "-append", "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable hung_task_panic=1 "
-                      "hung_task_timeout_secs=300 sysrq_always_enabled=1 panic_print=0x40",
+                      "hung_task_timeout_secs=300 sysrq_always_enabled=1 i8042.nopnp panic_print=0x40",
            "-monitor", f"unix:{results / MONITOR_SOCKET},server=on,wait=off",
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]

@@ -18,13 +18,14 @@ RUNS = int(os.environ.get("PCLITE_BENCH_RUNS", "10"))
 def repeat(name: str, cmd: list[str], runs: int = RUNS, pattern: str = READY, timeout_s: float = 120):
     """Boot `runs` times; returns (seconds list, outputs). A boot that never prints the line is reported."""
     seconds, outputs = [], []
-    for _ in range(runs):
+    for run in range(1, runs + 1):
         boot = time_until_line(cmd, pattern, timeout_s)
         if boot.seconds is None:
             print(f"  {name}: no ready line; last output:\n{boot.output[-800:]}", flush=True)
             continue
         seconds.append(boot.seconds)
         outputs.append(boot.output)
+        print(f"  {name}, run {run}/{runs}: {boot.seconds:.2f} s", flush=True)  # a stall shows where it is
     return seconds, outputs
 
 
