@@ -57,9 +57,10 @@ def cmd_run(argv: list[str]) -> int:
     # Start loading the kernel and initrd into guest RAM before importing the rest of the VMM: the reads (0.2-1 s
     # over 9p in the lab) then overlap those imports and the KVM set-up. Same as Machine.boot_images() for the
     # config below; bad options are still reported first, by Machine().
-    from hypervisor.boot_images import BootImages, kernel_cmdline
-    images = BootImages(opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20,
-                        opts["vcpus"], opts["boot"])
+    from hypervisor.boot_images import BootImages, kernel_cmdline, take_prepared
+    spec = (opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20, opts["vcpus"],
+            opts["boot"])
+    images = take_prepared(*spec) or BootImages(*spec)  # prepared: loaded by a warm VMM before this request
     from hypervisor.vm import KvmError, LoaderError, Machine, MachineConfig, VmConfigError
     TIMELINE.mark("vmm_ready")
     from hypervisor.agent_channel import AgentChannel
@@ -218,6 +219,21 @@ def cmd_exec(argv: list[str]) -> int:
     return result.exit_code
 
 
+def prepare_run(argv: list[str]) -> bool:
+    """For a warm VMM (hypervisor/forkserver.py): start loading the images `run argv` would, so that a request with
+    the same images finds them in RAM. False when argv is not a valid `run`."""
+    try:
+        opts = parse_options(argv[1:], RUN_OPTIONS, __doc__)
+    except (UsageError, SystemExit):
+        return False
+    if argv[:1] != ["run"] or opts["boot"] not in ("auto", "pvh", "bzimage", "unpack"):
+        return False
+    from hypervisor.boot_images import kernel_cmdline, prepare
+    prepare(opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20, opts["vcpus"],
+            opts["boot"])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -240,3 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

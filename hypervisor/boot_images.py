@@ -77,6 +77,14 @@ class BootImages:
             for image in images:
                 image.close()
 
+    def discard(self) -> None:
+        """Not used after all (a prepared load the request did not match): wait for the thread, free the RAM."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
     def result(self):
         """The BootPlan once its segments are in `memory`; raises whatever loading raised (LoaderError, OSError...)."""
         if self._thread is not None:
@@ -84,6 +92,41 @@ class BootImages:
         if self._error is not None:
             raise self._error
         return self.plan
+
+
+# A warm VMM of the fork server loads the images of the server's last `run` request ahead (hypervisor/forkserver.py):
+# (spec, the files' identities, BootImages). The next `run` takes them when it asks for exactly the same.
+_PREPARED: list = []
+
+
+def _identities(kernel: str, initrd: str | None) -> list:
+    found = []
+    for path in (kernel, initrd):
+        try:
+            stat = os.stat(path) if path else None
+            found.append(stat and (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append("missing")
+    return found
+
+
+def prepare(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str) -> None:
+    """Start loading these images into fresh guest RAM now, for a later take_prepared() with the same spec."""
+    spec = (kernel, initrd, cmdline, mem_bytes, vcpus, boot)
+    _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec)))
+
+
+def take_prepared(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int,
+                  boot: str) -> BootImages | None:
+    """The images prepare() loaded for exactly this spec, from files unchanged since; else None (and the prepared
+    ones are freed)."""
+    if not _PREPARED:
+        return None
+    spec, identities, images = _PREPARED.pop()
+    if spec == (kernel, initrd, cmdline, mem_bytes, vcpus, boot) and identities == _identities(kernel, initrd):
+        return images
+    images.discard()
+    return None
 
 
 def unpacked_cache_file(kernel: str) -> str | None:

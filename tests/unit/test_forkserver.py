@@ -157,3 +157,44 @@ def test_without_warm_vmms_nothing_waits_ahead(tmp_path):
         assert vm.wait(10) == 2 and b"unknown option '--bogus'" in _drain(out)
     finally:
         _stop(path, proc)
+
+
+def _anonymous_mappings(pid: int) -> list[int]:
+    sizes = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) == 5:  # no path: anonymous
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                sizes.append(end - start)
+    return sizes
+
+
+@pytest.mark.kvm
+def test_after_a_run_the_warm_vmm_loads_its_images_ahead(tmp_path):
+    path, proc = _start(tmp_path)
+    try:
+        first = _warm_child(proc.pid)
+        assert 77 << 20 not in _anonymous_mappings(first)
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/vmlinux", "--mem", "77"])
+        assert vm.pid == first and vm.wait(10) == 1 and b"does not exist" in _drain(out)
+        second = _warm_child_other_than(proc.pid, first)
+        assert 77 << 20 in _anonymous_mappings(second)  # guest RAM of the next `run`, its images loading into it
+        # the same request again takes those images: it fails exactly as before, from the warm VMM
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/vmlinux", "--mem", "77"])
+        assert vm.pid == second and vm.wait(10) == 1 and b"kernel /nonexistent/vmlinux does not exist" in _drain(out)
+        vm, out = _spawn(path, ["exec", "--api-sock", str(tmp_path / "none.sock"), "--", "true"])
+        assert vm.wait(10) == 125
+        third = _warm_child_other_than(proc.pid, vm.pid)
+        assert 77 << 20 not in _anonymous_mappings(third)  # after another kind of request: nothing loaded ahead
+    finally:
+        _stop(path, proc)
+
+
+def _warm_child_other_than(server_pid: int, old: int) -> int:
+    deadline = time.monotonic() + 10
+    while (child := _warm_child(server_pid)) == old:
+        assert time.monotonic() < deadline, "no new warm VMM"
+        time.sleep(0.02)
+    time.sleep(0.3)  # its images are mapped right after its KVM VM
+    return child
