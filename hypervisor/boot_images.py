@@ -35,8 +35,11 @@ class BootImages:
     The VM may register `memory` with KVM and set up devices and vCPUs meanwhile; result() waits for the plan.
     """
 
-    def __init__(self, kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str):
+    def __init__(self, kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str,
+                 ahead: bool = False):
+        """ahead: loading for a request that may come (prepare()): the thread runs niced, behind running VMs."""
         self.plan = self._error = self._thread = None
+        self._ahead, self._tid = ahead, None
         try:
             self.memory = GuestMemory(mem_bytes)
         except (OSError, ValueError, OverflowError) as exc:  # a --mem this host cannot map
@@ -48,6 +51,9 @@ class BootImages:
 
     def _load(self, kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str) -> None:
         images: list[ImageFile] = []
+        if self._ahead:
+            self._tid = threading.get_native_id()
+            _renice(self._tid, AHEAD_NICE)
         try:
             for path in (kernel, initrd):
                 if path:
@@ -85,6 +91,11 @@ class BootImages:
             self.memory.close()
             self.memory = None
 
+    def wanted_now(self) -> None:
+        """The request came: a load still running ahead gets the process's priority back (if it may)."""
+        if self._tid is not None and self._thread is not None and self._thread.is_alive():
+            _renice(self._tid, 0)
+
     def result(self):
         """The BootPlan once its segments are in `memory`; raises whatever loading raised (LoaderError, OSError...)."""
         if self._thread is not None:
@@ -92,6 +103,16 @@ class BootImages:
         if self._error is not None:
             raise self._error
         return self.plan
+
+
+AHEAD_NICE = 10  # above the process's own niceness: a load ahead must not slow the VMs booting meanwhile
+
+
+def _renice(tid: int, above: int) -> None:
+    try:  # noqa: SIM105 - contextlib is not imported on the VMM's start-up path
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + above))
+    except OSError:
+        pass  # back up again needs CAP_SYS_NICE or RLIMIT_NICE: then it finishes at the lower priority
 
 
 # A warm VMM of the fork server loads the images of the server's last `run` request ahead (hypervisor/forkserver.py):
@@ -113,7 +134,7 @@ def _identities(kernel: str, initrd: str | None) -> list:
 def prepare(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str) -> None:
     """Start loading these images into fresh guest RAM now, for a later take_prepared() with the same spec."""
     spec = (kernel, initrd, cmdline, mem_bytes, vcpus, boot)
-    _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec)))
+    _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec, ahead=True)))
 
 
 def take_prepared(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int,
@@ -124,6 +145,7 @@ def take_prepared(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int,
         return None
     spec, identities, images = _PREPARED.pop()
     if spec == (kernel, initrd, cmdline, mem_bytes, vcpus, boot) and identities == _identities(kernel, initrd):
+        images.wanted_now()
         return images
     images.discard()
     return None

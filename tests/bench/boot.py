@@ -35,32 +35,46 @@ def _phase_split(outputs: list[str]) -> str:
 def main() -> None:
     art = guest_artifacts()
     print(f"== boot: pclite vs peers, {RUNS} interleaved rounds, cmdline {PROBE_CMDLINE!r}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, ForkServer(Path(tmp)) as forkserver, \
-            ForkServer(Path(tmp), warm=False) as plain_forks:
-        runs = {
-            "pclite, vmlinux via PVH": vmm_run(art.vmlinux, art.initrd, PROBE_CMDLINE),
-            "pclite, bzImage 64-bit entry": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="bzimage"),
-            "pclite, bzImage host-unpacked → PVH": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="unpack"),
-            FORKED: forkserver.starter(vmm_args(art.vmlinux, art.initrd, PROBE_CMDLINE)),
-            FORKED_BZ: forkserver.starter(vmm_args(art.bzimage, art.initrd, PROBE_CMDLINE, boot="bzimage")),
-            FORKED_COLD: plain_forks.starter(vmm_args(art.vmlinux, art.initrd, PROBE_CMDLINE)),
-            "QEMU microvm, direct vmlinux (PVH)": microvm_direct(art.vmlinux, art.initrd, PROBE_CMDLINE),
-            "QEMU q35 + SeaBIOS, bzImage": q35_seabios(art.bzimage, art.initrd, PROBE_CMDLINE),
-        }
-        print("  columns: " + " | ".join(runs), flush=True)
-        measured = interleaved(runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("pvh", "bzimage"):
+            (Path(tmp) / name).mkdir()
+        # One server per series, as a pool's server boots one kind of VM: a warm VMM loads the last request's
+        # images ahead, which interleaving two kernels on one server would defeat.
+        with ForkServer(Path(tmp) / "pvh") as forkserver, ForkServer(Path(tmp) / "bzimage") as bz_forkserver, \
+                ForkServer(Path(tmp), warm=False) as plain_forks:
+            measured = _measure(art, forkserver, bz_forkserver, plain_forks)
+    _report(measured)
+
+
+def _measure(art, forkserver, bz_forkserver, plain_forks) -> dict:
+    runs = {
+        "pclite, vmlinux via PVH": vmm_run(art.vmlinux, art.initrd, PROBE_CMDLINE),
+        "pclite, bzImage 64-bit entry": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="bzimage"),
+        "pclite, bzImage host-unpacked → PVH": vmm_run(art.bzimage, art.initrd, PROBE_CMDLINE, boot="unpack"),
+        FORKED: forkserver.starter(vmm_args(art.vmlinux, art.initrd, PROBE_CMDLINE)),
+        FORKED_BZ: bz_forkserver.starter(vmm_args(art.bzimage, art.initrd, PROBE_CMDLINE, boot="bzimage")),
+        FORKED_COLD: plain_forks.starter(vmm_args(art.vmlinux, art.initrd, PROBE_CMDLINE)),
+        "QEMU microvm, direct vmlinux (PVH)": microvm_direct(art.vmlinux, art.initrd, PROBE_CMDLINE),
+        "QEMU q35 + SeaBIOS, bzImage": q35_seabios(art.bzimage, art.initrd, PROBE_CMDLINE),
+    }
+    print("  columns: " + " | ".join(runs), flush=True)
+    return interleaved(runs)
+
+
+def _report(measured: dict) -> None:
     results = {name: seconds for name, (seconds, _) in measured.items()}
     for name, (seconds, outputs) in measured.items():
         print(summary(name, seconds), flush=True)
         if name.startswith("pclite") and outputs:
             print(_phase_split(outputs), flush=True)
     baseline = "QEMU microvm, direct vmlinux (PVH)"
-    for name in runs:
+    for name in measured:
         if name.startswith("pclite"):
             print(ratio(name, results[name], baseline, results[baseline]) + "   (goal <= 0.80x)")
     print(ratio("QEMU q35 + SeaBIOS, bzImage", results["QEMU q35 + SeaBIOS, bzImage"], baseline, results[baseline]))
     print("(the fork-server rows are timed from the request, as pclited starts VMs; the others from process start. "
-          "A warm VMM was forked, and made its empty KVM VM, before the request; 'no warm VMM' forks per request)")
+          "A warm VMM was forked, made its empty KVM VM and loaded the previous request's kernel + initrd, before "
+          "the request; 'no warm VMM' forks per request)")
 
 
 if __name__ == "__main__":
