@@ -137,6 +137,12 @@ def prepare(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus
     _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec, ahead=True)))
 
 
+def discard_prepared() -> None:
+    """The request is not a `run`: free what was loaded ahead for one."""
+    while _PREPARED:
+        _PREPARED.pop()[2].discard()
+
+
 def take_prepared(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int,
                   boot: str) -> BootImages | None:
     """The images prepare() loaded for exactly this spec, from files unchanged since; else None (and the prepared

@@ -263,6 +263,9 @@ def _wait_as_warm(conn: socket.socket, last_run: list | None = None) -> dict | N
         return None
     request = json.loads(data)
     conn.close()
+    if last_run and request["argv"][:1] != ["run"]:  # a clone or an exec: the images loaded ahead are not for it
+        from hypervisor.boot_images import discard_prepared
+        discard_prepared()
     _adopt_request(fds, request)
     return request
 

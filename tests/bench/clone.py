@@ -184,7 +184,13 @@ def main() -> None:
                 vm.wait_ready()
             all_ready_s = time.monotonic() - started
             for vm in many:
-                assert VmmClient(vm.sock).exec(["true"], timeout_s=60).exit_code == 0
+                try:
+                    assert VmmClient(vm.sock).exec(["true"], timeout_s=60).exit_code == 0
+                except (VmmError, AssertionError) as exc:  # reported with the clone's log and console
+                    tails = [path.read_text(errors="replace")[-800:] for path in (vm.log, vm.console)
+                             if path.exists()]
+                    FAILURES.append(f"{vm.sock.stem}: `true` failed ({exc}); log and console: {tails}")
+                    progress(f"FAILED: {FAILURES[-1]}")
             rollups = [smaps_rollup(vm.pid) for vm in many]
             guest_private = [mapping_private_kib(vm.pid, "/snap/memory") for vm in many]
         finally:

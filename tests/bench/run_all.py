@@ -2,6 +2,7 @@
 
 import runpy
 import sys
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -14,5 +15,8 @@ for name in ("boot_peers", "boot", "agent", "claim", "clone", "containers"):
     except SystemExit as exc:  # a bench that ends with sys.exit(code) must not end the others
         if exc.code:
             failed.append(name)
+    except Exception:  # noqa: BLE001 - nor one that fails outright: its traceback, then the next bench
+        traceback.print_exc()
+        failed.append(name)
     print(flush=True)
 sys.exit(f"benchmarks that failed: {', '.join(failed)}" if failed else 0)
