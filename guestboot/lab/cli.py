@@ -20,13 +20,16 @@ from pathlib import Path
 from guestboot.cache import BuildError, cache_root
 from guestboot.lab.assets import stock_kernel
 from guestboot.lab.detect import host_kvm_status
-from guestboot.lab.runner import LabError, LabKernelPanic, LabRequest, run_in_lab
+from guestboot.lab.runner import LabError, LabFault, LabRequest, run_in_lab
 
 GUEST_TEST_TIMEOUT_S = 600
 # When the lab's own kernel panics, the tests that had not finished run in a fresh lab: up to this many labs, while
 # labs keep finishing tests, and none started after the budget (CI has 90 minutes in all).
 GUEST_TEST_LABS = 8
 GUEST_TEST_BUDGET_S = 3600
+# No test finished for this long, although pytest-timeout ends any test after GUEST_TEST_TIMEOUT_S: the lab itself is
+# stuck (both its CPUs spinning in the kernel with interrupts off has been seen) and is treated as a lab fault.
+LAB_STALL_S = GUEST_TEST_TIMEOUT_S + 180
 PROGRESS_ENV = "PCLITE_TEST_PROGRESS"  # tests/conftest.py appends "<outcome> <node id>" there per finished test
 LAB_TIMEOUT_S = {"run": 3600, "test": 2400}  # test: CI has 90 minutes in all
 
@@ -58,9 +61,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args, argv: list[str], env: dict[str, str] | None = None) -> LabRequest:
+def _request(args, argv: list[str], env: dict[str, str] | None = None, stalled=None) -> LabRequest:
     return LabRequest(command=argv, workdir=Path.cwd(), mem_mib=args.mem, cpus=args.cpus,
-                      timeout_s=args.timeout, forwards=args.forward, env=env or {})
+                      timeout_s=args.timeout, forwards=args.forward, env=env or {}, stalled=stalled)
+
+
+def stall_watch(progress: Path, limit_s: float = LAB_STALL_S):
+    """A LabRequest.stalled check: a reason once neither the lab started nor a test finished for limit_s."""
+    last = {"size": -1, "since": time.monotonic()}
+
+    def stalled() -> str | None:
+        try:
+            size = progress.stat().st_size
+        except OSError:
+            size = 0
+        now = time.monotonic()
+        if size != last["size"]:
+            last.update(size=size, since=now)
+        elif now - last["since"] > limit_s:
+            return f"no test finished for {now - last['since']:.0f} s, longer than any test may take"
+        return None
+    return stalled
 
 
 def _run_lab(args, argv: list[str]) -> int:
@@ -87,8 +108,8 @@ def finished_tests(progress: Path) -> dict[str, str]:
 
 
 def _run_tests_in_lab(args, pytest_argv: list[str], labs: int = GUEST_TEST_LABS) -> int:
-    """A test session that survives the lab's own kernel panicking: the nested KVM of the lab (kvm-amd under
-    TCG) has crashed now and then (stack corruption inside KVM_RUN, stray NMIs). Then a fresh lab runs the tests
+    """A test session that survives the lab's own faults: the nested KVM of the lab (kvm-amd under TCG) has
+    crashed now and then (stack corruption inside KVM_RUN, stray NMIs) or stalled. Then a fresh lab runs the tests
     that had not finished; finished ones keep their outcome, so a failure is never retried away."""
     started = time.monotonic()
     (cache_root() / "lab").mkdir(parents=True, exist_ok=True)
@@ -100,8 +121,9 @@ def _run_tests_in_lab(args, pytest_argv: list[str], labs: int = GUEST_TEST_LABS)
             earlier = finished_tests(progress)
             argv = pytest_argv + [f"--deselect={node_id}" for node_id in earlier]
             try:
-                code = run_in_lab(_request(args, argv, env={PROGRESS_ENV: str(progress)}))
-            except LabKernelPanic as exc:
+                code = run_in_lab(_request(args, argv, env={PROGRESS_ENV: str(progress)},
+                                           stalled=stall_watch(progress)))
+            except LabFault as exc:
                 done = finished_tests(progress)
                 failed = sum(outcome == "failed" for outcome in done.values())
                 kept = f"{len(done)} finished test(s) keep their outcome ({failed} failed)"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,17 @@ class LabError(Exception):
     """The lab itself failed (not the command run in it)."""
 
 
-class LabKernelPanic(LabError):
-    """The lab's own kernel panicked: a fault of the lab (nested KVM under TCG), not of the command in it."""
+class LabFault(LabError):
+    """The lab itself broke down (nested KVM under TCG), not the command in it: a fresh lab may do better."""
+
+
+class LabKernelPanic(LabFault):
+    """The lab's own kernel panicked."""
+
+
+class LabStalled(LabFault):
+    """The lab stopped making progress as its caller measures it (e.g. no test finished for longer than any test
+    may take): seen as both lab CPUs spinning in the kernel with interrupts off, which nothing inside can report."""
 
 
 PANIC_LINE = b"Kernel panic - not syncing"
@@ -48,6 +58,7 @@ class LabRequest:
     timeout_s: float = 3600.0
     forwards: list[tuple[int, int]] = field(default_factory=list)  # (host port on 127.0.0.1, guest port)
     extra_shares: list[Path] = field(default_factory=list)  # writable inside the lab at the same path
+    stalled: Callable[[], str | None] | None = None  # polled each second: a reason ends the lab (LabStalled)
     env: dict[str, str] = field(default_factory=dict)  # more environment for the command
 
 
@@ -109,7 +120,8 @@ def run_in_lab(request: LabRequest, out=None) -> int:
             f"LAB_RESULTS={shlex.quote(str(results))}\nLAB_NET={1 if request.forwards else 0}\n")
         cmd = qemu_command(request, results, shares)
         started = time.monotonic()
-        tail, panicked = _stream(cmd, request.timeout_s, out, monitor=results / MONITOR_SOCKET)
+        tail, panicked = _stream(cmd, request.timeout_s, out, monitor=results / MONITOR_SOCKET,
+                                 stalled=request.stalled)
         exit_file = results / "exit-code"
         if not exit_file.exists():
             if panicked:
@@ -161,7 +173,8 @@ def _ask_for_backtraces(monitor: Path) -> None:
         pass  # the backtrace is a courtesy; the timeout error is reported either way
 
 
-def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) -> tuple[bytes, bool]:
+def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None,
+            stalled: Callable[[], str | None] | None = None) -> tuple[bytes, bool]:
     """Pipe QEMU's serial console to `out` (CRLF → LF) until it exits; past the timeout, ask the lab kernel for
     its backtraces (SysRq) and give it a few seconds to print them, then kill it. Returns (the last 4 KiB of the
     console, whether the lab's kernel panicked on its own)."""
@@ -185,6 +198,13 @@ def _stream(cmd: list[str], timeout_s: float, out, monitor: Path | None = None) 
             if remaining <= 0:
                 proc.kill()
                 raise LabError(f"the lab did not finish within {timeout_s:.0f}s (--timeout); it was stopped")
+            if stalled is not None and not timed_out and (reason := stalled()):
+                out.write(f"\npclite-lab: the lab is stuck: {reason}; stopping it\n".encode())
+                if monitor is not None:
+                    _ask_for_backtraces(monitor)
+                    time.sleep(2)
+                raise LabStalled(f"the lab stopped making progress ({reason}): a fault of the lab's nested KVM, "
+                                 f"not of the command")
             if not selector.select(timeout=min(remaining, 1.0)):
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)

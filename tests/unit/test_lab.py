@@ -1,6 +1,7 @@
 """The lab's host-side pieces: KVM detection, module ordering, the command handed to the lab VM."""
 
 import shlex
+import time
 from pathlib import Path
 
 from guestboot.lab import assets
@@ -69,7 +70,7 @@ def test_guest_tests_go_on_in_a_fresh_lab_after_a_lab_kernel_panic(monkeypatch, 
     from types import SimpleNamespace
 
     from guestboot.lab import cli
-    from guestboot.lab.runner import LabKernelPanic
+    from guestboot.lab.runner import LabKernelPanic, LabStalled
     monkeypatch.setenv("PCLITE_CACHE", str(tmp_path))
     labs = []
 
@@ -82,6 +83,8 @@ def test_guest_tests_go_on_in_a_fresh_lab_after_a_lab_kernel_panic(monkeypatch, 
             log.writelines(f"{outcome} {node}\n" for outcome, node in finishes)
         if end == "panic":
             raise LabKernelPanic("the lab's kernel panicked after 72s")
+        if end == "stall":
+            raise LabStalled("the lab stopped making progress (no test finished for 780 s)")
         return end
     monkeypatch.setattr(cli, "run_in_lab", fake_lab)
     args = SimpleNamespace(mem=1024, cpus=1, timeout=10, forward=[])
@@ -94,6 +97,10 @@ def test_guest_tests_go_on_in_a_fresh_lab_after_a_lab_kernel_panic(monkeypatch, 
     assert "failed there: t.py::b" in err
 
     labs.clear()
+    plan = [([("passed", "t.py::a")], "stall"), ([("passed", "t.py::b")], 0)]  # a stuck lab: the same
+    assert cli._run_tests_in_lab(args, ["pytest"]) == 0 and labs[1] == ["pytest", "--deselect=t.py::a"]
+    assert "the lab stopped making progress" in capsys.readouterr().err
+
     plan = [([("passed", "t.py::a")], "panic"), ([], 5)]  # the panic came after the last test
     assert cli._run_tests_in_lab(args, ["pytest"]) == 0
 
@@ -133,3 +140,24 @@ def test_only_test_sessions_run_again(monkeypatch):
     monkeypatch.setattr(cli, "run_in_lab", fake_lab)
     args = SimpleNamespace(mem=1024, cpus=1, timeout=10, forward=[])
     assert cli._run_lab(args, ["bench"]) == 125  # `run` (benchmarks, services): never silently twice
+
+
+def test_a_lab_that_stops_making_progress_is_stopped(tmp_path):
+    import io
+
+    import pytest
+
+    from guestboot.lab.cli import stall_watch
+    from guestboot.lab.runner import LabStalled, _stream
+    progress = tmp_path / "finished"
+    watch = stall_watch(progress, limit_s=0.3)
+    assert watch() is None
+    time.sleep(0.4)
+    assert "no test finished for" in watch()
+    progress.write_text("passed t.py::a\n")  # a test finished: the clock starts again
+    assert watch() is None
+    started = time.monotonic()
+    out = io.BytesIO()
+    with pytest.raises(LabStalled, match="stopped making progress"):
+        _stream(["sleep", "30"], 60, out, stalled=stall_watch(progress, limit_s=0.5))
+    assert time.monotonic() - started < 10 and b"the lab is stuck" in out.getvalue()
