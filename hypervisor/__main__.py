@@ -57,9 +57,8 @@ def cmd_run(argv: list[str]) -> int:
     # Start loading the kernel and initrd into guest RAM before importing the rest of the VMM: the reads (0.2-1 s
     # over 9p in the lab) then overlap those imports and the KVM set-up. Same as Machine.boot_images() for the
     # config below; bad options are still reported first, by Machine().
-    from hypervisor.boot_images import BootImages, kernel_cmdline, take_prepared
-    spec = (opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20, opts["vcpus"],
-            opts["boot"])
+    from hypervisor.boot_images import BootImages, take_prepared
+    spec = _boot_spec(opts)
     images = take_prepared(*spec) or BootImages(*spec)  # prepared: loaded by a warm VMM before this request
     from hypervisor.vm import KvmError, LoaderError, Machine, MachineConfig, VmConfigError
     TIMELINE.mark("vmm_ready")
@@ -228,10 +227,16 @@ def prepare_run(argv: list[str]) -> bool:
         return False
     if argv[:1] != ["run"] or opts["boot"] not in ("auto", "pvh", "bzimage", "unpack"):
         return False
-    from hypervisor.boot_images import kernel_cmdline, prepare
-    prepare(opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20, opts["vcpus"],
-            opts["boot"])
+    from hypervisor.boot_images import prepare
+    prepare(*_boot_spec(opts))
     return True
+
+
+def _boot_spec(opts: dict) -> tuple:
+    """What `run` loads (BootImages' arguments): the same tuple for a request and for loading ahead of one."""
+    from hypervisor.boot_images import kernel_cmdline
+    return (opts["kernel"], opts["initrd"], kernel_cmdline(opts["cmdline"]), opts["mem"] << 20, opts["vcpus"],
+            opts["boot"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,4 +261,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

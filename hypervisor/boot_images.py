@@ -165,6 +165,7 @@ def unpacked_cache_file(kernel: str) -> str | None:
         stat = os.stat(kernel)
     except OSError:
         return None
+    # guestboot.cache.cache_root(), which this start-up path cannot import (subprocess, hashlib, pathlib)
     root = os.environ.get("PCLITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pclite")
     return os.path.join(root, "unpacked", f"{stat.st_dev:x}-{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
                                           ".vmlinux")

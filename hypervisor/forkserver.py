@@ -185,8 +185,8 @@ def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
         _reply(conn, {"error": f"bad fork request: {exc}"})
         conn.close()
         return 0
-    _preload_images(request["argv"])
-    _freeze_heap()
+    if _preload_images(request["argv"]):
+        _freeze_heap()  # only then: freezing on every request would keep each one's cyclic garbage forever
     warm.last_run = request["argv"] if request["argv"][:1] == ["run"] else None
     pid, warm_conn = warm.take()
     if warm_conn is not None:
@@ -279,17 +279,20 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _preload_images(argv: list) -> None:
+def _preload_images(argv: list) -> bool:
     """Keep the kernel and initrd a request names in the server's memory: its children copy them from there.
-    Same for a snapshot to restore: its state verified and parsed, and this host's identity to check it against."""
+    Same for a snapshot to restore: its state verified and parsed, and this host's identity to check it against.
+    True when something new was kept."""
     from hypervisor.image_file import preload
+    kept = False
     for flag in ("--kernel", "--initrd"):
         if flag in argv[:-1]:
             with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
-                preload(str(argv[argv.index(flag) + 1]))
+                kept = preload(str(argv[argv.index(flag) + 1])) or kept
     if argv[:1] == ["restore"] and "--from" in argv[:-1]:
         from hypervisor.snapshot import preload_snapshot
-        preload_snapshot(str(argv[argv.index("--from") + 1]))
+        kept = preload_snapshot(str(argv[argv.index("--from") + 1])) or kept
+    return kept
 
 
 def _leave_server() -> None:

@@ -24,12 +24,15 @@ def _address(buffer) -> int:
 _PRELOADED: dict[str, tuple[tuple[int, int], bytearray]] = {}
 
 
-def preload(path: str) -> None:
+def preload(path: str) -> bool:
+    """Keep the file's bytes in memory; True when they were read now (new, or changed since)."""
     stat = os.stat(path)
     key = (stat.st_size, stat.st_mtime_ns)
-    if path not in _PRELOADED or _PRELOADED[path][0] != key:
-        with open(path, "rb") as file:
-            _PRELOADED[path] = (key, bytearray(file.read()))
+    if path in _PRELOADED and _PRELOADED[path][0] == key:
+        return False
+    with open(path, "rb") as file:
+        _PRELOADED[path] = (key, bytearray(file.read()))
+    return True
 
 
 class ImageFile:

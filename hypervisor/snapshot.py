@@ -317,28 +317,32 @@ def _identity(snapshot_dir: str, state: dict | None = None) -> tuple:
     return tuple(found)
 
 
-def preload_snapshot(snapshot_dir: str) -> None:
+def preload_snapshot(snapshot_dir: str) -> bool:
     """Verify `snapshot_dir` once and keep its state in memory, with this host's identity for its vCPU count (a
-    fork server's children inherit both)."""
+    fork server's children inherit both). True when something new was kept."""
     cached = _PRELOADED.get(snapshot_dir)
+    kept = False
     try:
         if not (cached and _identity(snapshot_dir, cached[1]) == cached[0]):
             state = load_snapshot(snapshot_dir, use_preloaded=False)
             cached = _PRELOADED[snapshot_dir] = (_identity(snapshot_dir, state), state)
+            kept = True
         vcpus = cached[1]["config"]["vcpus"]
     except (SnapshotError, OSError, KeyError, TypeError, ValueError):
         _PRELOADED.pop(snapshot_dir, None)  # the clone reports it, in its own words
-        return
+        return False
     if vcpus not in _HOST_IDENTITY:
         from hypervisor.kvm import Kvm
         try:
             kvm = Kvm()
         except OSError:
-            return  # no usable /dev/kvm: the clone says so
+            return kept  # no usable /dev/kvm: the clone says so
         try:
             host_identity(kvm, vcpus)
+            kept = True
         finally:
             kvm.close()
+    return kept
 
 
 def load_snapshot(snapshot_dir: str, use_preloaded: bool = True) -> dict:

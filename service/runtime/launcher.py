@@ -32,28 +32,18 @@ sys.path.insert(0, {root!r})
 from service.runtime.main import main
 sys.exit(main())
 """
-TRIES = 3
 QUICK_PATH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickpath.c")
-
-
-def start_s(python: str) -> float | None:
-    """The quickest of a few isolated starts, or None when it is not a Python >= 3.11."""
-    return interpreters.start_s(python)
-
-
-def quickest_python() -> str:
-    return interpreters.quickest_python()
 
 
 def write(path: str, python: str | None = None) -> tuple[str, str | None]:
     """Write the runtime at path (atomically, mode 755): the quick path in front of the Python runtime (PATH-py),
     or the Python runtime alone. Returns (the interpreter used, why there is no quick path or None)."""
-    python = os.path.realpath(python or quickest_python())
-    script = os.path.abspath(path) + "-py"
-    _write_atomic(script, SCRIPT.format(python=python, root=ROOT).encode())
+    python = os.path.realpath(python or interpreters.quickest_python())
+    script, runtime = os.path.abspath(path) + "-py", SCRIPT.format(python=python, root=ROOT).encode()
+    _write_atomic(script, runtime)
     why_not = compile_quick_path(path, script)
     if why_not:
-        _write_atomic(path, SCRIPT.format(python=python, root=ROOT).encode())
+        _write_atomic(path, runtime)
     return python, why_not
 
 
@@ -93,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m service.runtime.launcher [--python PY] PATH   (PATH: where to write pclite-runtime)",
               file=sys.stderr)
         return 2
-    if python and start_s(python) is None:
+    if python and interpreters.start_s(python) is None:
         print(f"launcher: {python} is not a Python >= 3.11 that starts: give another --python", file=sys.stderr)
         return 1
     try:

@@ -235,7 +235,7 @@ def test_preloaded_state_is_reused_until_a_file_changes(template, tmp_path):
     machine, agent = template
     snap = str(tmp_path / "snap")
     state = write_snapshot(machine, agent, snap)
-    S.preload_snapshot(snap)
+    assert S.preload_snapshot(snap) and not S.preload_snapshot(snap)  # something new kept once, not again
     try:
         assert S.load_snapshot(snap) is S._PRELOADED[snap][1]  # no re-read: the same object
         rewrite(snap, state, version=S.VERSION + 1)  # replaced behind the server's back
@@ -251,7 +251,7 @@ def test_preloaded_state_is_reused_until_a_file_changes(template, tmp_path):
 
 
 def test_preloading_a_bad_snapshot_leaves_the_error_to_the_clone(tmp_path):
-    S.preload_snapshot(str(tmp_path))  # no state.json: nothing cached, nothing raised
+    assert not S.preload_snapshot(str(tmp_path))  # no state.json: nothing cached, nothing raised
     assert str(tmp_path) not in S._PRELOADED
     with pytest.raises(S.SnapshotError, match="is not a snapshot"):
         S.load_snapshot(str(tmp_path))
