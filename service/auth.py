@@ -14,17 +14,35 @@ from service.core.config import Settings
 
 log = logging.getLogger("pclited")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MIN_TOKEN_CHARS = 32
+# Tokens shipped in deploy/ as examples (tests/unit/test_service_config.py keeps this in step with them).
+PLACEHOLDER_TOKENS = frozenset({"change-me-to-a-long-random-token"})
+
+
+class BadToken(ValueError):
+    """A token pclited refuses to serve with."""
+
+
+def check_token(token: str, where: str) -> str:
+    if token in PLACEHOLDER_TOKENS:
+        raise BadToken(f"the token from {where} is the placeholder shipped with pclite: set a random one, e.g. "
+                       "`openssl rand -base64 32`")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise BadToken(f"the token from {where} has {len(token)} characters, under the {MIN_TOKEN_CHARS} required: "
+                       "set a longer random one, e.g. `openssl rand -base64 32`")
+    return token
 
 
 def ensure_token(settings: Settings) -> str:
-    """The configured token, else the one in data_dir/token, else a new one written there (0600)."""
+    """The configured token, else the one in data_dir/token, else a new one written there (0600). BadToken when
+    the one found is short or a shipped placeholder."""
     if settings.token:
-        return settings.token
+        return check_token(settings.token, "PCLITE_TOKEN or `token:` in the config file")
     path = settings.token_path
     try:
         token = path.read_text().strip()
         if token:
-            return token
+            return check_token(token, f"{path} (delete it to have a new one generated)")
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,10 @@ def main() -> int:
         _say(f"this host's KVM cannot boot Linux ({reason.split(':')[0]}): pclited runs inside the lab, "
              f"its API forwarded to {url}")
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token = ensure_token(settings)
+        try:
+            token = ensure_token(settings)
+        except ValueError as exc:  # a short or placeholder token: pclited would refuse it in the lab
+            raise SystemExit(f"make run: {exc}") from None
         write_client_config(settings.client_config, url, token)
         lab_env = {"PCLITE_HOST": "0.0.0.0", "PCLITE_PORT": str(port), "PCLITE_TOKEN": token,
                    "PCLITE_DATA_DIR": str(settings.data_dir), "PCLITE_RUN_DIR": LAB_RUN_DIR,

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from service.api import errors
 from service.api.middleware import Guard
 from service.api.routes import flavors, health, pools, vms
-from service.auth import ensure_token, write_client_config
+from service.auth import BadToken, ensure_token, write_client_config
 from service.core.config import Settings, load_settings
 from service.core.db import Database, upgrade
 
@@ -100,8 +100,8 @@ def serve(settings: Settings) -> int:
     # Claims hop between the event loop and DB threads: a 5 ms GIL slice would dominate their latency.
     sys.setswitchinterval(0.001)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = ensure_token(settings)  # a refused token stops pclited before it touches the database
     db = migrate(settings)
-    token = ensure_token(settings)
     sockets = [_tcp_socket(settings.host, settings.port)]
     host, port = sockets[0].getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("database migrated to head")
             return 0
         return serve(settings)
+    except BadToken as exc:
+        print(f"pclited: bad configuration: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -13,7 +13,12 @@ BODY_LIMIT = 1 << 20
 # 16 MiB of stdin is ~21.4 MiB once base64-encoded in JSON.
 EXEC_BODY_LIMIT = (16 << 20) * 4 // 3 + (1 << 20)
 EXEC_PATH = re.compile(r"^/v1/vms/[^/]+/exec$")
-ROOTFS_PATH = re.compile(r"^/v1/vms/[^/]+/rootfs$")  # a tar stream: the route streams it and caps it itself
+ROOTFS_PATH = re.compile(r"^/v1/vms/[^/]+/rootfs$")
+TAR_TYPES = ("application/x-tar", "application/octet-stream")  # a rootfs tar: streamed, capped by the rootfs quota
+
+
+def media_type(headers: Headers) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 class Guard:
@@ -32,7 +37,7 @@ class Guard:
             if wrong:
                 response = problem(401, wrong, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
-        if ROOTFS_PATH.match(path):
+        if ROOTFS_PATH.match(path) and media_type(headers) in TAR_TYPES:
             return await self.app(scope, receive, send)
         limit = EXEC_BODY_LIMIT if EXEC_PATH.match(path) else BODY_LIMIT
 

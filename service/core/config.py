@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     # is background work and must not slow the claimed VMs' containers down on a host short of CPUs.
     refill_nice: int = Field(10, ge=0, le=19)
 
+    # Container rootfs. By path (POST /v1/vms/{id}/rootfs {"path": ...}) only beneath these directories, resolved
+    # so that `..` and symlinks stay inside; empty: the path form is refused and clients send a tar stream.
+    rootfs_path_roots: list[Path] = Field(default_factory=list)
+    # The most one VM's rootfs image may take on the host's disk (a tar's declared member sizes count before
+    # anything is written; an explicit size_mib counts too).
+    rootfs_max_bytes: int = Field(4 << 30, ge=1 << 20)
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().absolute()
@@ -75,6 +82,9 @@ class Settings(BaseSettings):
         if self.backoff_max_s < self.backoff_base_s:
             self.backoff_max_s = self.backoff_base_s
         self.template_backoff_max_s = max(self.template_backoff_max_s, self.template_backoff_s)
+        for root in self.rootfs_path_roots:
+            if not root.is_absolute():
+                raise ValueError(f"rootfs_path_roots entry {root} is not an absolute path: list absolute directories")
         return self
 
     @property

@@ -256,7 +256,8 @@ class Pclited:
             try:
                 return self.call("POST", f"/v1/vms/{vm_id}/rootfs", body, timeout=600)
             except WireError as exc:
-                if how == "path" or exc.status != 422 or "pclited host" not in str(exc):
+                # 403: pclited takes no path (rootfs_path_roots unset) or not this one; 422: it cannot see it.
+                if how == "path" or not (exc.status == 403 or exc.status == 422 and "pclited host" in str(exc)):
                     raise
         return self.upload_rootfs(vm_id, path, read_only)
 

@@ -46,3 +46,13 @@ class VmmFailed(ServiceError):
     """The VMM or its guest agent answered with an error."""
 
     status, slug, title = 502, "vmm-error", "VMM error"
+
+
+class Forbidden(ServiceError):
+    """Allowed by no setting of this pclited (the detail names the setting)."""
+
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class TooLarge(ServiceError):
+    status, slug, title = 413, "too-large", "Content too large"

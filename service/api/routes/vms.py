@@ -7,6 +7,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import ValidationError
 
 from service.api.deps import V1, RuntimeDep
+from service.api.middleware import TAR_TYPES, media_type
 from service.schemas import (
     ClaimOut,
     ClaimRequest,
@@ -66,9 +67,6 @@ async def events(vm_id: str, rt: RuntimeDep):
     return await asyncio.to_thread(rt.vms.events, vm_id)
 
 
-TAR_TYPES = ("application/x-tar", "application/octet-stream")
-
-
 @router.post("/{vm_id}/rootfs", response_model=RootfsOut,
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": RootfsRequest.model_json_schema()},
@@ -76,7 +74,7 @@ TAR_TYPES = ("application/x-tar", "application/octet-stream")
 async def attach_rootfs(vm_id: str, request: Request, rt: RuntimeDep, read_only: bool = False,
                         size_mib: int | None = Query(None, ge=1, le=1 << 20)):
     """A container's rootfs into a claimed VM: an ext4 image of it becomes the VM's disk, mounted at /rootfs."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request.headers)
     if content_type in TAR_TYPES:
         return await rt.rootfs.attach_tar(vm_id, request.stream(), read_only, size_mib)
     if content_type != "application/json":
