@@ -83,7 +83,12 @@ def _walk_beneath(dir_fd: int, relative: str, flags: int) -> int:
                 continue
             if part == "..":
                 raise OSError(errno.EXDEV, "'..' in the path", relative)
-            fd, parent = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd), fd
+            try:
+                fd, parent = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd), fd
+            except NotADirectoryError:  # O_DIRECTORY is checked first: say it was a symlink when it was
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "a symlink in the path", relative) from None
+                raise
             os.close(parent)
         return fd
     except BaseException:
@@ -367,10 +372,10 @@ class Untar:
         return self.script
 
     @staticmethod
-    def parts(name: str) -> list[str]:
+    def parts(name: str, what: str = "member") -> list[str]:
         parts = [part for part in name.split("/") if part not in ("", ".")]
         if ".." in parts or "\0" in name:
-            raise Invalid(f"rootfs tar member {name!r} contains '..': send a tar of the rootfs made with "
+            raise Invalid(f"rootfs tar {what} {name!r} contains '..': send a tar of the rootfs made with "
                           "`tar -C ROOTFS -c .`")
         return parts
 
@@ -379,8 +384,8 @@ class Untar:
         name = "/".join(parts)
         self.used += max(4096, (member.size + 4095) & ~4095) if member.isreg() else 4096  # inode, dirent, block
         if self.used > self.max_bytes:
-            raise TooLarge(f"the rootfs tar declares over {self.max_bytes >> 20} MiB (at {name or '/'!r}), over "
-                           "this pclited's rootfs quota (rootfs_max_bytes): send a smaller rootfs")
+            raise TooLarge(f"the rootfs tar declares more than this pclited's rootfs quota of {self.max_bytes >> 20} "
+                           f"MiB (rootfs_max_bytes) by member {name or '/'!r}: send a smaller rootfs")
         for depth in range(1, len(parts)):
             if "/".join(parts[:depth]) in self.specials:
                 raise Invalid(f"rootfs tar member {name!r} lies beneath {'/'.join(parts[:depth])!r}, which is not a "
@@ -398,7 +403,7 @@ class Untar:
             self.write(tar, member, host)
             self.fix(name, host, member.mode, member.uid, member.gid)
         elif member.islnk():
-            target = "/".join(self.parts(member.linkname))
+            target = "/".join(self.parts(member.linkname, f"member {name!r}'s hard link target"))
             if target in self.specials:
                 self.special(name, *self.specials[target], member)
                 return
@@ -540,7 +545,7 @@ class RootfsService:
     @staticmethod
     async def _unpack(body: AsyncIterator[bytes], target: Path, max_bytes: int) -> tuple[int, list[str]]:
         """Stream the body through a pipe into Untar (a thread) under target; returns the bytes received and the
-        debugfs script for the image. On any error target is left for the caller to remove."""
+        debugfs script for the image. On an error, nothing is left under target."""
         await asyncio.to_thread(shutil.rmtree, target, True)
         target.mkdir(parents=True, mode=0o700)
         read_fd, write_fd = os.pipe()
@@ -572,6 +577,7 @@ class RootfsService:
             try:
                 script = await asyncio.shield(reader)
             except Exception:
+                await asyncio.to_thread(shutil.rmtree, target, True)
                 if received == 0:
                     raise Invalid("the body is empty: send `tar -C ROOTFS -c .` with Content-Type: "
                                   "application/x-tar") from None

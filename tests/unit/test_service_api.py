@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.servers import Pclited, database_url, short_tmpdir
+from tests.support.servers import Pclited, PostgresServer, database_url, postgres_bindir, short_tmpdir
 
 FLAVOR_KEYS = {"name", "kernel", "initrd", "cmdline_extra", "vcpus", "mem_mib", "pool_min", "pool_target",
                "max_age_s", "clone", "template", "created_at", "updated_at"}
@@ -49,6 +49,27 @@ def assert_problem(response: httpx.Response, status: int, *needles: str) -> dict
     for needle in needles:
         assert needle.lower() in body["detail"].lower(), f"{needle!r} not in {body['detail']!r}"
     return body
+
+
+@pytest.mark.skipif(postgres_bindir() is None, reason="PostgreSQL is not installed: make deps")
+def test_readyz_says_why_without_the_exception_text():
+    """The database gone: /readyz answers 503 with a fixed reason; the driver's text (host, port, user) goes to the
+    log only."""
+    postgres = PostgresServer(postgres_bindir()).start()
+    workdir = short_tmpdir()
+    service = Pclited(workdir / "data", postgres.new_database(), health_interval_s=3600)
+    try:
+        service.start()
+        postgres.stop()
+        response = httpx.get(f"{service.url}/readyz", timeout=30)
+        body = assert_problem(response, 503, "database unreachable")
+        assert body["detail"] == "not ready: database unreachable (see pclited's log)", body
+        assert str(postgres.port) not in response.text and "127.0.0.1" not in response.text
+        assert "readyz: database ping failed" in service.log() and str(postgres.port) in service.log()
+    finally:
+        service.stop()
+        postgres.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_probes_and_metrics_need_no_token(server):

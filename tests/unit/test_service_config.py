@@ -14,7 +14,7 @@ import pytest
 import yaml
 from sqlalchemy import inspect
 
-from service.auth import check_authorization, ensure_token, write_client_config
+from service.auth import PLACEHOLDER_TOKENS, BadToken, check_authorization, ensure_token, write_client_config
 from service.core.config import Settings, load_settings
 from service.core.db import Database, normalize_url, on_network_fs
 from tests.support.servers import ROOT, Pclited, short_tmpdir
@@ -85,7 +85,42 @@ def test_token_is_generated_once_and_private(workdir):
     token = ensure_token(settings)
     assert len(token) >= 40 and stat.S_IMODE(os.stat(settings.token_path).st_mode) == 0o600
     assert ensure_token(settings) == token, "the same token on the next start"
-    assert ensure_token(Settings(data_dir=workdir, token="configured")) == "configured"
+    configured = "configured-" + "x" * 22
+    assert ensure_token(Settings(data_dir=workdir, token=configured)) == configured
+
+
+def test_short_or_placeholder_tokens_are_refused(workdir):
+    with pytest.raises(BadToken, match="11 characters, under the 32"):
+        ensure_token(Settings(data_dir=workdir, token="short-token"))
+    with pytest.raises(BadToken, match="placeholder"):
+        ensure_token(Settings(data_dir=workdir, token="change-me-to-a-long-random-token"))
+    (workdir / "token").write_text("abc\n")  # a token file someone wrote by hand
+    with pytest.raises(BadToken, match=f"{workdir / 'token'} .delete it"):
+        ensure_token(Settings(data_dir=workdir))
+
+
+def test_shipped_placeholder_tokens_are_all_known():
+    """Every token in deploy/ is an example, and pclited refuses each."""
+    import re
+    shipped = set()
+    for path in (ROOT / "deploy").rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".yml", ".service", ""):
+            shipped |= set(re.findall(r"(?m)^\s*(?:token|PCLITE_TOKEN)\s*[:=]\s*\"?([^\s\"#]+)", path.read_text()))
+    assert shipped and shipped <= PLACEHOLDER_TOKENS, shipped
+
+
+@pytest.mark.parametrize("token, why", [("change-me-to-a-long-random-token", "placeholder shipped with pclite"),
+                                        ("s3cret", "6 characters, under the 32 required")])
+def test_pclited_refuses_to_start_with_a_weak_token(workdir, token, why):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCLITE_")}
+    env.update(PCLITE_DATA_DIR=str(workdir / "data"), PCLITE_TOKEN=token, PCLITE_PORT="0",
+               PCLITE_WRITE_CLIENT_CONFIG="false")
+    result = subprocess.run([sys.executable, "-m", "service.main", "serve"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and why in lines[0], result.stderr
+    assert lines[0].startswith("pclited: bad configuration: the token from PCLITE_TOKEN")
+    assert not (workdir / "data" / "pclite.db").exists(), "refused before the database is touched"
 
 
 def test_client_config_is_written_once_and_never_overwritten(workdir):
@@ -117,14 +152,15 @@ def test_pclited_migrate_creates_the_schema(clean_env, workdir):
 
 def test_serves_on_a_unix_socket_too(workdir):
     sock = workdir / "pclited.sock"
-    service = Pclited(workdir / "data", unix_socket=sock, token="s3cret-token", write_client_config="false")
+    token = "s3cret-token-" + "0" * 20
+    service = Pclited(workdir / "data", unix_socket=sock, token=token, write_client_config="false")
     service.start()
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://pclited") as client:
             assert client.get("/healthz").status_code == 200
             assert client.get("/v1/flavors").status_code == 401
-            assert client.get("/v1/flavors", headers={"Authorization": "Bearer s3cret-token"}).json() == []
+            assert client.get("/v1/flavors", headers={"Authorization": f"Bearer {token}"}).json() == []
         assert not (workdir / "data" / "token").exists(), "a configured token is not replaced by a generated one"
         assert not (workdir / "data" / "client-config").exists()
     finally:
