@@ -354,7 +354,6 @@ class Untar:
         self.script: list[str] = []
         self.specials: dict[str, tuple[int, str]] = {}  # name -> (file type, debugfs command): for hard links
         self.dir_times: list[tuple[Path, int]] = []
-        self.owner = (os.geteuid(), os.getegid())
 
     def run(self, fd: int) -> list[str]:
         reader = _Reader(fd)
