@@ -548,7 +548,6 @@ class RootfsService:
         await asyncio.to_thread(shutil.rmtree, target, True)
         target.mkdir(parents=True, mode=0o700)
         read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, True)
 
         def unpack() -> list[str]:
             try:
