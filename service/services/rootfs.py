@@ -195,6 +195,8 @@ def build_image(source: Path, image: Path, size_mib: int | None = None, cache: P
         raise TooLarge(f"size_mib={size_mib} is over this pclited's rootfs quota of {max_mib} MiB "
                        "(rootfs_max_bytes): ask for less, or leave size_mib out")
     used, inodes, key = measure(source, "\n".join(script or ()))
+    made = sum(1 for command in script or () if command.startswith(("symlink ", "mknod ")))  # not in the tree
+    used, inodes = used + made * 4096, inodes + made
     cached = cache / f"{key}-{size_mib or 0}.ext4" if cache is not None else None
     if cached is not None and cached.exists():
         with contextlib.suppress(FileNotFoundError):

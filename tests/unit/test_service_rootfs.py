@@ -345,3 +345,34 @@ def test_runtime_streams_a_rootfs_tar_when_pclited_cannot_see_the_path(server, t
         with pytest.raises(WireError, match="vm-000000000000") as info:
             client.attach_rootfs("vm-000000000000", path, False)
         assert info.value.status == 404
+
+
+def test_the_runtimes_tar_of_a_container_rootfs_becomes_the_same_image(tmp_path):
+    """What pclite-runtime sends for the OCI tests' busybox image (`tar -C ROOTFS --numeric-owner -c .` of the
+    snapshot containerd unpacked) through Untar and mke2fs + debugfs: the image holds the tree as it was."""
+    from tests.support.containerd import busybox_image_tar, busybox_path
+    if busybox_path() is None:
+        pytest.skip("busybox-static is not installed: make deps")
+    with tarfile.open(busybox_image_tar(tmp_path / "image.tar")) as oci:
+        index = json.load(oci.extractfile("index.json"))
+        blob = lambda digest: oci.extractfile(f"blobs/sha256/{digest.split(':')[1]}").read()  # noqa: E731
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        layer = blob(manifest["layers"][0]["digest"])
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    subprocess.run(["tar", "-C", str(snapshot), "-x", "--numeric-owner"], input=layer, check=True)
+    sent = subprocess.run(["tar", "-C", str(snapshot), "--numeric-owner", "-c", "."], capture_output=True,
+                          check=True).stdout
+    target = tmp_path / "unpack"
+    received, script = asyncio.run(rootfs.RootfsService._unpack(_chunks(sent, 65536), target, 4 << 30))
+    assert received == len(sent) and _host_specials(target) == []
+    image = tmp_path / "rootfs.ext4"
+    info = rootfs.build_image(target, image, script=script, max_bytes=4 << 30)
+    expected = rootfs.build_image(snapshot, tmp_path / "direct.ext4")
+    assert info["files"] == expected["files"]
+    def entries(img, path):  # (mode, name) of each entry
+        return sorted((line.split()[1], line.split()[-1]) for line in debugfs(img, f"ls -l {path}").splitlines()
+                      if line.strip() and line.split()[-1] not in (".", ".."))
+    for path in ("/bin", "/", "/etc"):
+        assert entries(image, path) == entries(tmp_path / "direct.ext4", path), path
+    assert debugfs(image, "cat /etc/group") == (snapshot / "etc" / "group").read_text()
