@@ -50,11 +50,11 @@ def rewrite(out_dir, state, version=S.VERSION) -> None:
         out.write(S.state_document(state, version))
 
 
-def restored(snapshot_dir):
+def restored(snapshot_dir, spec=None):
     state = S.load_snapshot(snapshot_dir)
     memory = GuestMemory.from_file(os.path.join(snapshot_dir, "memory"),
                                    [tuple(r) for r in state["memory"]["regions"]])
-    machine = Machine(machine_config(state["config"], None, None)).build_restored(memory)
+    machine = Machine(machine_config(state["config"], None, None, spec)).build_restored(memory)
     return machine, apply_state(machine, state)
 
 
@@ -114,7 +114,8 @@ def test_a_clone_can_be_snapshotted_with_what_it_never_touched(template, tmp_pat
         grandchild.close()
 
 
-def test_a_read_only_disk_swapped_in_comes_back_and_a_writable_one_is_refused(template, tmp_path):
+def test_a_clone_gets_the_disks_its_spec_names_never_the_snapshots(template, tmp_path):
+    from hypervisor.runspec import Drive, RunSpec
     machine, agent = template
     image = tmp_path / "rootfs.img"
     image.write_bytes(b"\xab" * 4096)
@@ -122,7 +123,15 @@ def test_a_read_only_disk_swapped_in_comes_back_and_a_writable_one_is_refused(te
     write_snapshot(machine, agent, tmp_path / "snap")
     clone, _ = restored(tmp_path / "snap")
     try:
-        assert (clone.rootfs.path, clone.rootfs.read_only, clone.rootfs.capacity) == (str(image), True, 8)
+        assert (clone.rootfs.path, clone.rootfs.capacity) == (os.devnull, 0)  # the template's disk is not taken
+    finally:
+        clone.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\xcd" * 8192)
+    spec = RunSpec("restore", snapshot=str(tmp_path / "snap"), drives=(Drive("rootfs", str(other), True),))
+    clone, _ = restored(tmp_path / "snap", spec)
+    try:
+        assert (clone.rootfs.path, clone.rootfs.read_only, clone.rootfs.capacity) == (str(other), True, 16)
     finally:
         clone.close()
     machine.rootfs.swap_backing(image, read_only=False)

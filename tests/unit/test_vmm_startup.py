@@ -131,15 +131,16 @@ def test_a_host_unpacked_bzimage_is_kept_for_the_next_vm(images, tmp_path, monke
 
 def test_images_prepared_ahead_serve_only_the_same_request_on_unchanged_files(images, tmp_path):
     from hypervisor import boot_images
+    from hypervisor.runspec import RunSpec
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(images.elf())
-    spec = (str(kernel), None, kernel_cmdline("console=ttyS0"), 64 << 20, 1, "auto")
-    boot_images.prepare(*spec)
-    prepared = boot_images.take_prepared(*spec)
+    spec = RunSpec("run", kernel=str(kernel), cmdline="console=ttyS0", mem_mib=64)
+    boot_images.prepare(spec)
+    prepared = boot_images.take_prepared(spec.replace(api_sock="/elsewhere.sock", console="none"))  # not loaded
     assert prepared is not None and prepared.result().kernel_format == "elf-pvh"
-    assert boot_images.take_prepared(*spec) is None  # once
-    boot_images.prepare(*spec)
-    assert boot_images.take_prepared(*spec[:3], 128 << 20, 1, "auto") is None  # another size: freed, not used
-    boot_images.prepare(*spec)
+    assert boot_images.take_prepared(spec) is None  # once
+    boot_images.prepare(spec)
+    assert boot_images.take_prepared(spec.replace(mem_mib=128)) is None  # another size: freed, not used
+    boot_images.prepare(spec)
     os.utime(kernel, ns=(1, 1))  # the kernel changed since
-    assert boot_images.take_prepared(*spec) is None and boot_images._PREPARED == []
+    assert boot_images.take_prepared(spec) is None and boot_images._PREPARED == []

@@ -1,0 +1,76 @@
+"""RunSpec (hypervisor/runspec.py): one typed description of a VM, the same from the CLI, JSON and pclited."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guestboot.loader import BOOT_MODES
+from hypervisor.cli_args import UsageError
+from hypervisor.runspec import Drive, HostFile, RunSpec
+
+BOOT = RunSpec("run", kernel="/k/vmlinux", initrd="/k/initrd", cmdline="console=ttyS0 quiet", mem_mib=512, vcpus=2,
+               boot="pvh", console="/vm/console.log", api_sock="/run/vm-1.sock", detach=True, timeline=True,
+               drives=(Drive("rootfs", "/vm/rootfs.ext4", read_only=True),))
+CLONE = RunSpec("restore", snapshot="/t/snap", hostname="vm-2", api_sock="/run/vm-2.sock", console="none")
+
+
+@pytest.mark.parametrize("spec", [BOOT, CLONE, RunSpec("run", kernel="k"), RunSpec("restore", snapshot="s")])
+def test_argv_and_json_round_trip(spec):
+    assert RunSpec.from_argv(spec.to_argv()) == spec
+    assert RunSpec.from_json(spec.to_json()) == spec
+    assert RunSpec.from_json(json.loads(spec.to_json())) == spec
+    assert hash(RunSpec.from_json(spec.to_json())) == hash(spec)
+
+
+def test_argv_keeps_what_proc_scans_look_for():
+    argv = BOOT.to_argv()
+    assert argv[0] == "run" and argv[argv.index("--api-sock") + 1] == "/run/vm-1.sock"
+
+
+def test_frozen_and_replace():
+    with pytest.raises(AttributeError, match="frozen"):
+        BOOT.mem_mib = 1
+    bigger = BOOT.replace(mem_mib=1024)
+    assert bigger.mem_mib == 1024 and BOOT.mem_mib == 512 and bigger != BOOT
+    assert bigger.images_key() != BOOT.images_key() and BOOT.replace(api_sock="/x").images_key() == BOOT.images_key()
+
+
+def test_boot_modes_are_the_loaders():
+    for mode in BOOT_MODES:
+        assert RunSpec("run", kernel="k", boot=mode).boot == mode
+    with pytest.raises(UsageError, match="--boot must be one of auto, pvh"):
+        RunSpec.from_argv(["run", "--kernel", "k", "--boot", "bios"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ("[]", "must be a JSON object"), ("{", "must be JSON"), ({"command": "exec"}, "command must be"),
+    ({"command": "run"}, "kernel must be str"), ({"command": "run", "kernel": "k", "vcpus": True}, "vcpus must be int"),
+    ({"command": "run", "kernel": "k", "mem_mib": 1.5}, "mem_mib must be int"),
+    ({"command": "run", "kernel": "k", "snapshot": "s"}, "no field(s) 'snapshot'"),
+    ({"command": "restore", "snapshot": "s", "kernel": "k"}, "no field(s) 'kernel'"),
+    ({"command": "run", "kernel": "k\0"}, "NUL"),
+    ({"command": "run", "kernel": "k", "drives": [{"slot": "swap", "path": "x"}]}, "drive slot"),
+    ({"command": "run", "kernel": "k", "drives": [{"slot": "rootfs", "path": 3}]}, "drive path must be str"),
+    ({"command": "run", "kernel": "k", "drives": {"slot": "rootfs"}}, "drives must be a list"),
+    ("x" * (65 << 10), "at most"),
+])
+def test_from_json_refuses_anything_else_with_one_line(data, message):
+    with pytest.raises(UsageError, match=None) as error:
+        RunSpec.from_json(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_host_files_list_everything_the_vmm_touches():
+    files = {(f.what, f.path): f for f in BOOT.host_files()}
+    assert files["kernel", "/k/vmlinux"] == HostFile("/k/vmlinux", "kernel")
+    assert not files["initrd", "/k/initrd"].writable
+    assert files["drive:rootfs", "/vm/rootfs.ext4"].writable is False
+    assert files["console", "/vm/console.log"].writable
+    assert files["api-socket-dir", "/run"].is_dir and files["api-socket-dir", "/run"].writable
+    assert ("kvm", "/dev/kvm") in files
+    clone = {f.what: f for f in CLONE.host_files()}
+    assert clone["snapshot"] == HostFile("/t/snap", "snapshot", is_dir=True) and "console" not in clone
+    unpack = {f.what for f in RunSpec("run", kernel="k", boot="unpack").host_files()}
+    assert "unpacked-kernel-cache" in unpack
