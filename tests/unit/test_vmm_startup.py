@@ -20,8 +20,9 @@ from hypervisor.memory import GuestMemory
 # in the lab; the `run` path must not pull any of them in before the first KVM_RUN.
 HEAVY = {"dataclasses", "inspect", "enum", "signal", "logging", "typing", "re", "pathlib", "subprocess", "queue",
          "contextlib", "weakref", "tempfile", "shutil", "hashlib", "ast", "tokenize", "site"}
-RUN_PATH = ("hypervisor.__main__", "hypervisor.vm", "hypervisor.agent_channel", "hypervisor.virtio.mmio",
-            "hypervisor.virtio.console", "hypervisor.virtio.rng", "hypervisor.virtio.blk")
+RUN_PATH = ("hypervisor.__main__", "hypervisor.builder", "hypervisor.runspec", "hypervisor.vm",
+            "hypervisor.agent_channel", "hypervisor.virtio.mmio", "hypervisor.virtio.console", "hypervisor.virtio.rng",
+            "hypervisor.virtio.blk")
 
 
 def test_launcher_starts_the_vmm_from_anywhere_without_site(tmp_path):
