@@ -242,10 +242,18 @@ def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
             warm_conn.close()
         if not pid:
             pid = os.fork()
-            if pid == 0:  # the new VMM
-                listener.close()
-                _become_vmm(conn, fds, request)
+            if pid == 0:  # the new VMM: never back into the server's loop
+                try:
+                    listener.close()
+                    _become_vmm(conn, fds, request)
+                except BaseException as exc:  # noqa: BLE001 - e.g. a cwd that is gone
+                    print(f"pclite: error: cannot start the VMM: {exc}", file=sys.stderr, flush=True)
+                    os._exit(1)
                 _run_vmm(request)
+    except Exception as exc:  # noqa: BLE001 - e.g. fork() out of memory or pids: this request fails, not the server
+        _reply(conn, {"error": f"cannot start the VMM: {exc}"})
+        conn.close()
+        return 0
     finally:
         _close_all(fds)
     conn.settimeout(None)

@@ -245,3 +245,19 @@ def _warm_child_other_than(server_pid: int, old: int) -> int:
         time.sleep(0.02)
     time.sleep(0.3)  # its images are mapped right after its KVM VM
     return child
+
+
+def test_a_child_that_cannot_start_exits_1_and_the_server_serves_on(tmp_path):
+    path, proc = _start(tmp_path, "--warm", "0")
+    try:
+        read_end, write_end = os.pipe()
+        vm = spawn(path, RunSpec("run", kernel="/nonexistent/vmlinux"), 0, write_end, write_end,
+                   cwd=str(tmp_path / "gone"))
+        os.close(write_end)
+        assert vm.wait(10) == 1 and b"cannot start the VMM" in _drain(read_end)
+        time.sleep(0.3)
+        assert _children(proc.pid) == []  # the failed child did not carry on as a second server
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/vmlinux"])
+        assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
+    finally:
+        _stop(path, proc)

@@ -74,3 +74,17 @@ def test_host_files_list_everything_the_vmm_touches():
     assert clone["snapshot"] == HostFile("/t/snap", "snapshot", is_dir=True) and "console" not in clone
     unpack = {f.what for f in RunSpec("run", kernel="k", boot="unpack").host_files()}
     assert "unpacked-kernel-cache" in unpack
+
+
+def test_one_builder_and_no_argv_patching():
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    for caller in ("hypervisor/__main__.py", "hypervisor/forkserver.py"):  # the CLI and the fork server's children
+        assert "from hypervisor.builder import run" in (root / caller).read_text(), caller
+    for path in [*root.glob("hypervisor/**/*.py"), *root.glob("service/**/*.py")]:
+        text = path.read_text()
+        assert not re.search(r"\[\s*\w+\.index\(\"--[\w-]+\"\)\s*\+\s*1\s*\]\s*=", text), f"argv patched in {path}"
+        if path.parts[-2] == "hypervisor" or "hypervisor" in path.parts:
+            assert '.index("--' not in text, f"argv looked up by index in {path}"
+        assert "TIMELINE" not in text, f"a module-level timeline in {path}: pass one"
