@@ -275,8 +275,10 @@ DIGEST_READ = 16 * ZERO_CHUNK
 
 def memory_digest(path: str) -> str:
     """sha256 over the memory file's non-zero ZERO_CHUNKs, each preceded by its offset (8 bytes, little-endian):
-    defined by the content alone (a hole and written zeros hash alike), and only the data extents are read."""
-    digest = _sha256()
+    defined by the content alone (a hole and written zeros hash alike), and only the data extents are read.
+    OpenSSL's sha256 (hashlib): ~7x the builtin's speed on tens of MiB, which outweighs its import."""
+    import hashlib
+    digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size, offset = os.fstat(fd).st_size, 0
