@@ -88,3 +88,23 @@ def test_one_builder_and_no_argv_patching():
         if path.parts[-2] == "hypervisor" or "hypervisor" in path.parts:
             assert '.index("--' not in text, f"argv looked up by index in {path}"
         assert "TIMELINE" not in text, f"a module-level timeline in {path}: pass one"
+
+
+def test_pclited_launcher_builds_specs_from_the_vm_row(tmp_path):
+    from service.core.config import Settings
+    from service.models import CLONE, COLD, VM, Flavor
+    from service.services.vmm import Launcher
+    launcher = Launcher(Settings(data_dir=tmp_path, database_url="sqlite://", vmm_detach=True))
+    flavor = Flavor(name="f", kernel="/k/vmlinux", initrd="/k/initrd", cmdline_extra="x=1", vcpus=1, mem_mib=256)
+    cold = VM(id="vm-1", source=COLD, vcpus=2, mem_mib=512, api_socket=str(tmp_path / "run/vm-1.sock"),
+              console_path=str(tmp_path / "vm-1/console.log"))
+    spec = launcher.vm_spec(cold, flavor)
+    assert (spec.command, spec.kernel, spec.mem_mib, spec.vcpus, spec.detach) == ("run", "/k/vmlinux", 512, 2, True)
+    assert spec.cmdline.endswith("pclite.mode=agent x=1") and spec.timeline
+    argv = spec.to_argv()  # a fresh VMM's command line: what the /proc scans look for
+    assert argv[argv.index("--api-sock") + 1] == cold.api_socket and RunSpec.from_argv(argv) == spec
+    clone = VM(id="vm-2", source=CLONE, template="f-abc", vcpus=1, mem_mib=256, api_socket="/r/vm-2.sock",
+               console_path="/d/console.log")
+    spec = launcher.vm_spec(clone, flavor)
+    assert (spec.command, spec.snapshot, spec.hostname) == ("restore", str(launcher.settings.templates_dir / "f-abc"),
+                                                            "vm-2")
