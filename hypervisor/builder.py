@@ -142,18 +142,15 @@ def _error(exc) -> int:
 
 
 def _finish(spec, timeline, vm: BuiltVm, code: int) -> int:
-    """After the VM stopped: close the agent channel and API, report why, the --timeline line, release KVM."""
+    """After the VM stopped: report why and the --timeline line, then close the agent channel and API, release KVM."""
     machine = vm.machine
-    vm.agent.close()
-    if vm.server:
-        vm.server.close()
     print(f"pclite: VM stopped: {machine.stop_reason}", file=sys.stderr)
     if spec.timeline:
         import json
         boot = machine.plan.kernel_format if spec.command == "run" else "restore"
         print(json.dumps({"timeline_ms": timeline.as_ms(), "exits": machine.exit_counts(), "boot": boot,
                           "exit_code": code, "reason": machine.stop_reason}), file=sys.stderr)
-    machine.close()
+    vm.close()
     return code
 
 
