@@ -46,7 +46,10 @@ PARENT_POLL_S = 0.5
 def _console_sink(target: str):
     if target == "none":
         return None
-    fd = sys.stdout.fileno() if target == "-" else os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if target != "-":
+        from hypervisor.capped_log import CappedLog  # the guest may print forever: the file keeps its tail
+        return CappedLog(target).write
+    fd = sys.stdout.fileno()
     return lambda data: os.write(fd, data)
 
 
@@ -241,6 +244,9 @@ def _boot_spec(opts: dict) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["run"], ["restore"]):
+        from hypervisor.capped_log import cap_stderr
+        cap_stderr()  # vmm.log keeps its tail, whatever the guest provokes
     try:
         if argv[:1] == ["run"]:
             return cmd_run(argv[1:])

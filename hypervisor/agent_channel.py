@@ -111,7 +111,7 @@ class _Waiter:
     def fail(self, why: str) -> None:
         if self.broken is None:
             self.broken = why
-            log.warning(why)
+            log.warning("%s", why)
             self.queue.put(_Broken(why))
 
     def consumed(self, frame) -> None:
@@ -196,7 +196,7 @@ class AgentChannel:
             frames = self._decoder.feed(data)
         except P.ProtocolError as exc:
             self.protocol_error = f"agent sent a malformed frame ({exc}); the channel is closed"
-            log.warning(self.protocol_error)
+            log.warning("%s", self.protocol_error)
             self.close()
             return
         for frame in frames:
