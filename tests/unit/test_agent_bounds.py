@@ -160,6 +160,22 @@ def test_malformed_frame_ends_a_streamed_exec_within_a_second(frame_type, payloa
     assert not guest.channel.busy  # the request id is released
 
 
+def test_malformed_exit_ends_an_interactive_exec_too():
+    guest = FakeGuest()
+    controller = Controller(SimpleNamespace(), guest.channel, lambda n: b"")
+    body = json.dumps({"argv": ["sh"], "interactive": True, "output_cap": 0}).encode()
+    response = controller(Request("POST", "/exec", {}, body))
+    lines = []
+    reader, _ = in_thread(lambda: lines.extend(json.loads(line) for line in response.body if line.strip()))
+    exec_id = guest.wait_for(T.EXEC).id
+    guest.send(T.STARTED, exec_id, P.Started(7).encode())
+    guest.send(T.EXIT, exec_id, b"\x00")
+    reader.join(1.0)
+    assert not reader.is_alive(), "the interactive stream did not end within 1 s"
+    assert "started" in lines[0] and "malformed EXIT" in lines[-1]["error"], lines
+    assert exec_id not in controller.container.live
+
+
 def test_ping_answered_with_output_or_a_flood_is_an_error():
     guest = FakeGuest()
     thread, box = in_thread(guest.channel.ping, 5.0)
