@@ -4,7 +4,9 @@
 Forged frames need the id of the exec they target: the VMM numbers requests 1, 2, 3, ... so the id of the next
 request is the id of an interactive process just started, plus one (this test module is the VM's only client).
 While a forger writes, the agent stays silent (the forger's own stdout goes to /dev/null), so the frames never
-interleave with the agent's.
+interleave with the agent's. Every write to a terminal (/dev/hvc0, /dev/ttyS0) happens in a subshell: the exec's
+own shell is a session leader, and a terminal it opened would become its controlling tty, hung up (for the agent
+too) when it exits.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def test_forged_gigabyte_of_stdout_under_a_1_mib_cap(vm):
     frame = P.encode_frame(P.MsgType.STDOUT, exec_id, b"x" * P.MAX_OUTPUT_CHUNK)  # the agent would send <= 1 MiB
     script = (f"exec >/dev/null 2>&1; cat > /tmp/frame; "
               f"for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do cat /tmp/frame; done > /tmp/frames; "
-              f"end=$(( $(date +%s) + {FLOOD_SECONDS} )); n=0; "
+              f"( end=$(( $(date +%s) + {FLOOD_SECONDS} )); n=0; "
               f"while [ $n -lt {FLOOD_MIB} ] && [ $(date +%s) -lt $end ]; do "
-              f"cat /tmp/frames > /dev/hvc0; n=$((n + 1)); done; echo $n > /tmp/flood-mib")
+              f"cat /tmp/frames > /dev/hvc0; n=$((n + 1)); done; echo $n > /tmp/flood-mib ); true")
     before = vmm_memory_kib(vm)
     started = time.monotonic()
     result = vm.client.exec(["sh", "-c", script], stdin=frame, output_cap=MIB,
@@ -91,7 +93,7 @@ def test_malformed_exit_ends_a_streamed_exec_within_a_second(vm):
     exec_id = next_request_id(vm)
     bad_exit = P.encode_frame(P.MsgType.EXIT, exec_id, b"\x00\x00\x00")  # EXIT needs 16 bytes
     # a marker through the agent, a pause (so the agent's frame is out before the forgery), then the forgery
-    script = "cat > /tmp/bad-exit; echo forging; sleep 1; cat /tmp/bad-exit > /dev/hvc0; sleep 60"
+    script = "cat > /tmp/bad-exit; echo forging; sleep 1; ( cat /tmp/bad-exit > /dev/hvc0 ); sleep 60"
     seen: dict[str, float] = {}
 
     def on_output(stream: int, data: bytes) -> None:
@@ -142,7 +144,7 @@ def test_blocked_stdin_delays_neither_ping_nor_another_exec(vm):
 
 
 def test_console_flood_leaves_console_log_at_its_cap(vm):
-    script = "i=0; while :; do echo \"console flood line $i\"; i=$((i + 1)); done > /dev/ttyS0"
+    script = "( i=0; while :; do echo \"console flood line $i\"; i=$((i + 1)); done > /dev/ttyS0 ); true"
     result = vm.client.exec(["sh", "-c", script], timeout_s=15)
     assert result.timed_out
     size = vm.console.stat().st_size
