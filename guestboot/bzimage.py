@@ -27,6 +27,12 @@ XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK_MAX = 8 << 20  # lz4 -l: every block decompresses to at most 8 MiB
 ZSTD_MAX_WINDOW = 1 << 31       # zstd -22 --ultra (kernel builds) may exceed the library's default limit
+# Unpacking stops at the kernel's init_size (what it needs in memory, bss included) plus room for the ELF's headers
+# and 2 MiB segment alignment, and never past UNPACK_MAX whatever the header claims: a bomb is refused early.
+UNPACK_SLACK = 8 << 20
+UNPACK_MAX = 256 << 20
+_CHUNK = 1 << 20                # output per decompressor call (zlib, xz, lzma, bzip2)
+_ZSTD_PIECE = 256               # compressed input per zstd call: at most ~8 MiB of output (RLE blocks)
 
 # (magic, name) in detection order; the kernel's Makefile appends a le32 uncompressed size to most of them.
 COMPRESSIONS = (
@@ -178,14 +184,21 @@ def payload(image: bytes | memoryview) -> tuple[str, memoryview]:
     return detect_compression(data), data
 
 
+def unpack_limit(header: SetupHeader) -> int:
+    """The most bytes the payload may unpack to (see UNPACK_SLACK)."""
+    return min(header.init_size + UNPACK_SLACK, UNPACK_MAX)
+
+
 def unpack_bzimage(image: bytes | memoryview) -> bytes:
     """Decompress the payload on the host: the vmlinux ELF the bzImage would have unpacked in the guest."""
     name, data = payload(image)
     if name == "lzo":
         raise LoaderError("bzImage payload is LZO-compressed, which pclite cannot unpack: rebuild the kernel with "
                           "CONFIG_KERNEL_LZ4 (or GZIP/XZ/ZSTD), or boot it with boot='bzimage'")
+    header = parse_setup_header(image)
+    out = _Output(name, unpack_limit(header), header.init_size)
     try:
-        vmlinux = _DECOMPRESSORS[name](data)
+        vmlinux = _DECOMPRESSORS[name](data, out)
     except LoaderError:
         raise
     except Exception as error:  # each library has its own exception types; all mean a corrupt payload
@@ -196,6 +209,24 @@ def unpack_bzimage(image: bytes | memoryview) -> bytes:
     return vmlinux
 
 
+class _Output:
+    """Unpacked bytes so far; past the limit, one clear refusal (the rest is never decompressed)."""
+
+    def __init__(self, name: str, limit: int, init_size: int):
+        self.name, self.limit, self.init_size = name, limit, init_size
+        self.data = bytearray()
+
+    def add(self, chunk) -> None:
+        if len(self.data) + len(chunk) > self.limit:  # checked first: the refused chunk is never appended
+            self.data = bytearray()
+            raise LoaderError(f"the {self.name} payload of the bzImage unpacks to more than {self.limit} bytes "
+                              f"(its init_size is {self.init_size}): refused as a decompression bomb")
+        self.data += chunk
+
+    def done(self, rest: bytes) -> bytes:
+        return _check_trailer(self.name, bytes(self.data), rest)
+
+
 def _check_trailer(name: str, out: bytes, rest: bytes) -> bytes:
     # The kernel Makefile appends the uncompressed size (le32); other trailing bytes are tolerated.
     if len(rest) == 4 and int.from_bytes(rest, "little") != len(out) & 0xFFFFFFFF:
@@ -204,44 +235,67 @@ def _check_trailer(name: str, out: bytes, rest: bytes) -> bytes:
     return out
 
 
-def _stream(name: str, decompressor, data: memoryview) -> bytes:
-    out = decompressor.decompress(data)
-    if not decompressor.eof:
-        raise LoaderError(f"the {name} payload of the bzImage ends before its end-of-stream marker: "
-                          f"the image is truncated")
-    return _check_trailer(name, out, decompressor.unused_data)
+def _truncated(name: str) -> LoaderError:
+    return LoaderError(f"the {name} payload of the bzImage ends before its end-of-stream marker: "
+                       f"the image is truncated")
 
 
-def _gzip(data: memoryview) -> bytes:
+def _stream(decompressor, data: memoryview, out: _Output) -> bytes:
+    """lzma/bz2 decompressors: max_length bounds each call's output."""
+    chunk = decompressor.decompress(data, max_length=_CHUNK)
+    while True:
+        out.add(chunk)
+        if decompressor.eof:
+            return out.done(decompressor.unused_data)
+        if decompressor.needs_input:
+            raise _truncated(out.name)
+        chunk = decompressor.decompress(b"", max_length=_CHUNK)
+
+
+def _gzip(data: memoryview, out: _Output) -> bytes:
     import zlib  # decompressors are imported on use: the VMM's start-up path must stay lean
-    return _stream("gzip", zlib.decompressobj(16 + zlib.MAX_WBITS), data)
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pending = data
+    while True:
+        chunk = decompressor.decompress(pending, _CHUNK)
+        out.add(chunk)
+        if decompressor.eof:
+            return out.done(decompressor.unused_data)
+        pending = decompressor.unconsumed_tail
+        if not pending and not chunk:  # input used up, nothing more buffered inside
+            raise _truncated(out.name)
 
 
-def _xz(data: memoryview) -> bytes:
+def _xz(data: memoryview, out: _Output) -> bytes:
     import lzma
-    return _stream("xz", lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data)
+    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data, out)
 
 
-def _lzma(data: memoryview) -> bytes:
+def _lzma(data: memoryview, out: _Output) -> bytes:
     import lzma
-    return _stream("lzma", lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data)
+    return _stream(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data, out)
 
 
-def _bzip2(data: memoryview) -> bytes:
+def _bzip2(data: memoryview, out: _Output) -> bytes:
     import bz2
-    return _stream("bzip2", bz2.BZ2Decompressor(), data)
+    return _stream(bz2.BZ2Decompressor(), data, out)
 
 
-def _zstd(data: memoryview) -> bytes:
-    # decompressobj copes with frames that do not record their content size (zstd reading from a pipe)
+def _zstd(data: memoryview, out: _Output) -> bytes:
+    # decompressobj copes with frames that do not record their content size (zstd reading from a pipe); it has no
+    # max_length, so it is fed small pieces: each can unpack to a few MiB at most
     import zstandard
-    return _stream("zstd", zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj(), data)
+    decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+    for offset in range(0, len(data), _ZSTD_PIECE):
+        out.add(decompressor.decompress(data[offset:offset + _ZSTD_PIECE]))
+        if decompressor.eof:
+            return out.done(decompressor.unused_data + bytes(data[offset + _ZSTD_PIECE:]))
+    raise _truncated(out.name)
 
 
-def _lz4(data: memoryview) -> bytes:
+def _lz4(data: memoryview, out: _Output) -> bytes:
     """lz4 -l (legacy) frames: magic, then [le32 compressed size][block]...; the magic again starts a new frame."""
     import lz4.block
-    blocks = []
     offset = 4  # detect_compression saw the magic
     while len(data) - offset >= 4:
         size = int.from_bytes(data[offset:offset + 4], "little")
@@ -250,12 +304,12 @@ def _lz4(data: memoryview) -> bytes:
             continue
         if size > len(data) - offset:
             if offset == len(data):  # the last 4 bytes are the Makefile's size trailer, not a block
-                return _check_trailer("lz4", b"".join(blocks), bytes(data[offset - 4:]))
+                return out.done(bytes(data[offset - 4:]))
             raise LoaderError(f"lz4 block at payload offset {offset - 4:#x} claims {size} bytes but only "
                               f"{len(data) - offset} remain: the bzImage is truncated")
-        blocks.append(lz4.block.decompress(data[offset:offset + size], uncompressed_size=LZ4_LEGACY_BLOCK_MAX))
+        out.add(lz4.block.decompress(data[offset:offset + size], uncompressed_size=LZ4_LEGACY_BLOCK_MAX))
         offset += size
-    return b"".join(blocks)
+    return bytes(out.data)
 
 
 _DECOMPRESSORS = {"gzip": _gzip, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2, "zstd": _zstd, "lz4": _lz4}

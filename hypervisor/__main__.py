@@ -65,7 +65,7 @@ def cmd_exec(argv: list[str]) -> int:
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     try:
         result = VmmClient(opts["api_sock"]).exec(command, stdin=stdin, cwd=opts["cwd"], timeout_s=opts["timeout"],
-                                                  output_cap=0)
+                                                  output_cap=64 << 20)  # the VMM's default maximum
     except VmmError as exc:
         print(f"pclite: error: {exc}", file=sys.stderr)
         return 125

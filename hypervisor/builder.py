@@ -21,10 +21,13 @@ PARENT_POLL_S = 0.5
 
 
 def console_sink(target: str):
-    """"-": this process's stdout, "none": discarded, else appended to that file."""
+    """"-": this process's stdout, "none": discarded, else appended to that file (its tail kept: CappedLog)."""
     if target == "none":
         return None
-    fd = sys.stdout.fileno() if target == "-" else os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if target != "-":
+        from hypervisor.capped_log import CappedLog  # the guest may print forever: the file keeps its tail
+        return CappedLog(target).write
+    fd = sys.stdout.fileno()
     return lambda data: os.write(fd, data)
 
 
@@ -100,6 +103,8 @@ def prepare(spec) -> None:
 def run(spec, timeline) -> int:
     """One VM from `spec` in this process, to its end: the guest's exit code (0: powered off); errors are one
     `pclite: error:` line on stderr and exit code 1."""
+    from hypervisor.capped_log import cap_stderr
+    cap_stderr()  # vmm.log keeps its tail, whatever the guest provokes (fresh and forked VMMs alike)
     images = None
     if spec.command == "run":
         # Start loading the kernel and initrd into guest RAM before importing the rest of the VMM: the reads

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from _queue import SimpleQueue  # what `queue` re-exports, without its imports: the API starts before the VM boots
 
-from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable
+from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable, BadExecRequest, StreamLines
 from hypervisor.api_server import HttpError, Request, Response
 from hypervisor.control_container import ContainerRoutes
 
@@ -45,6 +44,8 @@ class Controller:
             raise HttpError(404, f"no route {request.path}; routes: {', '.join(sorted(known))}")
         try:
             return route(request)
+        except BadExecRequest as exc:
+            raise HttpError(400, str(exc)) from None
         except AgentUnavailable as exc:
             raise HttpError(503, str(exc)) from None
         except AgentError as exc:
@@ -102,7 +103,7 @@ class Controller:
     def _stream_exec(self, argv, kwargs):
         """NDJSON lines: {"stdout_b64"} / {"stderr_b64"} as output arrives, then {"exit": {...}} or {"error"}."""
         import base64
-        lines: SimpleQueue = SimpleQueue()
+        lines = StreamLines()
 
         def on_output(stream: int, data: bytes) -> None:
             key = "stdout_b64" if stream == 1 else "stderr_b64"
@@ -116,11 +117,15 @@ class Controller:
                 lines.put({"exit": result})
             except AgentError as exc:
                 lines.put({"error": str(exc)})
-            lines.put(None)
+            finally:
+                lines.put(None)
 
         threading.Thread(target=run, name="exec-stream", daemon=True).start()
-        while (line := lines.get()) is not None:
-            yield json.dumps(line).encode() + b"\n"
+        try:
+            while (line := lines.get()) is not None:
+                yield json.dumps(line).encode() + b"\n"
+        finally:
+            lines.close()  # the client went away: the exec thread must not stay blocked on a full queue
 
     def actions(self, request: Request) -> Response:
         action = request.json().get("action")

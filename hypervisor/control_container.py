@@ -22,10 +22,10 @@ import json
 import os
 import threading
 import time
-from _queue import Empty, SimpleQueue
+from _queue import Empty
 
 from guestboot.agent import protocol as P
-from hypervisor.agent_channel import AgentError, AgentUnavailable
+from hypervisor.agent_channel import AgentError, AgentUnavailable, StreamLines
 from hypervisor.api_server import HttpError, Request, Response
 
 GUEST_DISK_SIZE = "/sys/block/vda/size"  # the only virtio-blk disk is vda
@@ -170,7 +170,7 @@ class ContainerRoutes:
         """NDJSON: {"started"}, then {"stdout_b64"}/{"stderr_b64"} as output arrives, then {"exit"} or {"error"}."""
         import base64
         kwargs = {k: v for k, v in kwargs.items() if k != "stdin"}
-        lines: SimpleQueue = SimpleQueue()
+        lines = StreamLines()
         state = {"id": None}
 
         def on_started(exec_id: int, pid: int) -> None:
@@ -206,6 +206,7 @@ class ContainerRoutes:
                 yield json.dumps(line).encode() + b"\n"
             finished = True
         finally:
+            lines.close()
             if not finished and state["id"] in self.live:  # the client went away: its process goes with it
                 try:  # noqa: SIM105 - contextlib is kept off the VMM's start-up path
                     self.agent.signal(state["id"], 9)

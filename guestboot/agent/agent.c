@@ -173,8 +173,9 @@ static void dispatch(uint32_t id, uint16_t type, const uint8_t *p, size_t len) {
     }
 }
 
-/* Backpressure: while the host is not taking our output, or a child is not taking its stdin, read no requests. */
-static int input_stalled(void) { return outq_pending() > OUT_HIGH_WATER || exec_stdin_backlogged(); }
+/* Backpressure: while the host is not taking our output, read no requests. A child that does not take its stdin
+ * never stalls the channel: the host holds its stdin back (STDIN_ACK window, PROTOCOL.md). */
+static int input_stalled(void) { return outq_pending() > OUT_HIGH_WATER; }
 
 static void __attribute__((noreturn)) protocol_error(uint32_t len) {
     send_error(0, EPROTO, "frame payload length %u exceeds the maximum of %u bytes", len, MAX_PAYLOAD);

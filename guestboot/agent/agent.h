@@ -7,14 +7,15 @@
 #include <stdint.h>
 #include <string.h>
 
-#define PROTO_VERSION "pclite-agent/1"
+#define PROTO_VERSION "pclite-agent/2"
 #define HDR_SIZE 12
 #define MAX_PAYLOAD (1u << 20)
 #define MAX_READ_LEN (MAX_PAYLOAD - 64)
 #define OUTPUT_CHUNK (64 * 1024)  /* largest STDOUT/STDERR frame payload */
 #define MAX_EXECS 64
 #define OUT_HIGH_WATER (256 * 1024)    /* queued channel output above this: stop reading input and child output */
-#define STDIN_HIGH_WATER (1024 * 1024) /* buffered stdin of one exec above this: stop reading the channel */
+#define STDIN_WINDOW (1024 * 1024)     /* stdin bytes of one exec the host may have in flight (STDIN_ACK) */
+#define STDIN_ACK_BATCH (64 * 1024)    /* acknowledge consumed stdin in pieces of at least this much ... */
 
 /* Frame types, host -> agent. */
 enum {
@@ -42,6 +43,7 @@ enum {
     T_STDERR = 0x85,
     T_EXIT = 0x86,
     T_DATA = 0x87,
+    T_STDIN_ACK = 0x88,
 };
 
 /* Little-endian field access, independent of the host byte order. */
@@ -130,7 +132,6 @@ void exec_reap(void);
 void exec_check_timeouts(void);
 void exec_finish(void);
 int exec_next_timeout_ms(void);
-int exec_stdin_backlogged(void);
 int exec_count(void);
 void exec_kill_all(void);
 

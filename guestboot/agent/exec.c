@@ -30,6 +30,7 @@ struct exec {
     uint8_t *in_buf;       /* stdin bytes the child's pipe has not taken yet */
     size_t in_head, in_len, in_cap;
     int in_close;          /* the host sent an empty STDIN: close once the buffer drains */
+    uint32_t in_unacked;   /* stdin bytes that left the buffer (or were dropped) and the host was not told yet */
     uint32_t cap;          /* output cap per stream, 0 = unlimited */
     uint64_t sent[2];
     int truncated[2];
@@ -202,11 +203,24 @@ void exec_start(uint32_t id, const uint8_t *p, size_t len) {
 
 /* ---- STDIN ---- */
 
+/* STDIN_ACK: give the host's window back, in batches (or at once when the buffer is empty). */
+static void stdin_ack(struct exec *e, size_t n, int force) {
+    e->in_unacked += (uint32_t)n;
+    if (e->in_unacked && (force || !e->in_len || e->in_unacked >= STDIN_ACK_BATCH)) {
+        uint8_t payload[4];
+        put_u32(payload, e->in_unacked);
+        send_frame(e->id, T_STDIN_ACK, payload, sizeof payload);
+        e->in_unacked = 0;
+    }
+}
+
 static void stdin_close(struct exec *e) {
     close_fd(&e->fd_in);
+    size_t dropped = e->in_len;
     free(e->in_buf);
     e->in_buf = NULL;
     e->in_head = e->in_len = e->in_cap = 0;
+    stdin_ack(e, dropped, 0);
 }
 
 /* Write buffered stdin as far as the pipe takes it; close when asked to and drained, or when the child is gone. */
@@ -222,6 +236,7 @@ static void stdin_pump(struct exec *e) {
         }
         e->in_head += (size_t)n;
         e->in_len -= (size_t)n;
+        stdin_ack(e, (size_t)n, 0);
     }
     if (e->fd_in >= 0 && e->in_close && !e->in_len)
         stdin_close(e);
@@ -229,10 +244,19 @@ static void stdin_pump(struct exec *e) {
 
 void exec_stdin(uint32_t id, const uint8_t *p, size_t len) {
     struct exec *e = find_exec(id);
-    if (!e || e->fd_in < 0 || e->in_close)
-        return; /* the child has exited or closed its stdin, or has none: the data is dropped, as a pipe would */
+    if (!e)
+        return; /* the child has exited: the data is dropped, as a pipe would */
+    if (e->fd_in < 0 || e->in_close) {
+        stdin_ack(e, len, 1); /* closed stdin, or none: dropped, but the host gets its window back */
+        return;
+    }
     if (len == 0) {
         e->in_close = 1;
+    } else if (e->in_len + len > STDIN_WINDOW + MAX_PAYLOAD) {
+        fprintf(stderr, "pclite-agent: the host overran the stdin window of exec %u: closing its stdin\n", id);
+        stdin_ack(e, len, 0);
+        stdin_close(e);
+        return;
     } else {
         if (e->in_head + e->in_len + len > e->in_cap) {
             if (e->in_head)
@@ -256,13 +280,6 @@ void exec_stdin(uint32_t id, const uint8_t *p, size_t len) {
         e->in_len += len;
     }
     stdin_pump(e);
-}
-
-int exec_stdin_backlogged(void) {
-    for (int i = 0; i < MAX_EXECS; i++)
-        if (execs[i].used && execs[i].in_len > STDIN_HIGH_WATER)
-            return 1;
-    return 0;
 }
 
 /* ---- SIGNAL ---- */
@@ -448,8 +465,8 @@ void exec_finish(void) {
         payload[3] = (uint8_t)e->truncated[ERR];
         put_u32(payload + 4, (uint32_t)(signaled ? WTERMSIG(e->status) : WEXITSTATUS(e->status)));
         put_u64(payload + 8, e->end_us - e->start_us);
+        stdin_close(e); /* its last STDIN_ACK goes before the EXIT: nothing follows EXIT */
         send_frame(e->id, T_EXIT, payload, sizeof payload);
-        stdin_close(e);
         e->used = 0;
     }
 }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 
-VERSION = "pclite-agent/1"
+VERSION = "pclite-agent/2"  # 2: STDIN_ACK flow control for stdin (PROTOCOL.md)
 HEADER = struct.Struct("<IIHH")
 HEADER_SIZE = HEADER.size  # 12
 MAX_PAYLOAD = 1 << 20
@@ -52,6 +52,7 @@ class MsgType:
     STDERR = 0x85
     EXIT = 0x86
     DATA = 0x87
+    STDIN_ACK = 0x88
 
 
 class ExecFlags:
@@ -401,7 +402,7 @@ class ShutdownRequest(namedtuple("ShutdownRequest", "how", defaults=(ShutdownHow
 
 
 class Ready(namedtuple("Ready", "version kernel_release")):
-    """READY (id 0): `pclite-agent/1 <kernel release>`."""
+    """READY (id 0): `pclite-agent/<version> <kernel release>`."""
     __slots__ = ()
 
     TYPE = MsgType.READY
@@ -447,6 +448,20 @@ class Started(namedtuple("Started", "pid")):
     @classmethod
     def decode(cls, payload: bytes) -> Started:
         return cls(*_Reader(payload, "STARTED").unpack("<I"))
+
+
+class StdinAck(namedtuple("StdinAck", "consumed")):
+    """STDIN_ACK (exec id): this many more bytes of the exec's stdin left the agent's buffer (version 2)."""
+    __slots__ = ()
+
+    TYPE = MsgType.STDIN_ACK
+
+    def encode(self) -> bytes:
+        return _pack("STDIN_ACK", "<I", self.consumed)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> StdinAck:
+        return cls(*_Reader(payload, "STDIN_ACK").unpack("<I"))
 
 
 class ExitKind:
@@ -501,7 +516,8 @@ def set_hostname(id_: int, name: str) -> Frame:
 
 _DECODERS = {cls.TYPE: cls for cls in (ExecRequest, SignalRequest, ResizeRequest, MountRequest, WriteFileRequest,
                                        ReadFileRequest,
-                                       SetClockRequest, ShutdownRequest, Ready, ErrorReply, Started, ExitStatus)}
+                                       SetClockRequest, ShutdownRequest, Ready, ErrorReply, Started, ExitStatus,
+                                       StdinAck)}
 
 
 def decode_payload(frame: Frame):

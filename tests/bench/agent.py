@@ -35,7 +35,7 @@ def main() -> None:
                 trips.append(time.monotonic() - started)
             pings = [client.ping() for _ in range(RUNS)]
             started = time.monotonic()
-            big = client.exec(["head", "-c", str(AGENT_BYTES), "/dev/zero"], output_cap=0, timeout_s=600)
+            big = client.exec(["head", "-c", str(AGENT_BYTES), "/dev/zero"], output_cap=AGENT_BYTES, timeout_s=600)
             agent_s = time.monotonic() - started
             assert len(big.stdout) == AGENT_BYTES, len(big.stdout)
             serial = client.exec(["sh", "-c", f"time -p head -c {SERIAL_BYTES} /dev/zero > /dev/ttyS0"],

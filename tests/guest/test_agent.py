@@ -59,7 +59,7 @@ def test_status_shows_agent_ready_in_the_timeline(vm):
     assert status["state"] == "running" and status["agent_ready"]
     marks = status["timeline_ms"]
     assert marks["first_kvm_run"] < marks["init_reached"] < marks["agent_ready"]
-    assert status["agent_version"].startswith("pclite-agent/1 6.1.")
+    assert status["agent_version"].startswith("pclite-agent/2 6.1.")
     assert {d["device"] for d in status["devices"]} >= {"rng", "console"}
     print(f"agent ready at {marks['agent_ready']:.0f} ms (init at {marks['init_reached']:.0f} ms)")
 
@@ -77,7 +77,7 @@ def test_exit_code(vm):
 
 def test_one_mib_of_stdout_intact(vm):
     script = 'head -c 1048576 /dev/urandom > /tmp/blob; cat /tmp/blob; sha256sum < /tmp/blob >&2'
-    result = vm.client.exec(["sh", "-c", script], output_cap=0, timeout_s=120)
+    result = vm.client.exec(["sh", "-c", script], output_cap=1 << 20, timeout_s=120)
     assert len(result.stdout) == 1 << 20 and not result.stdout_truncated
     assert hashlib.sha256(result.stdout).hexdigest() == result.stderr.split()[0].decode()
 

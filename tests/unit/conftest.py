@@ -115,3 +115,10 @@ class Images:
 @pytest.fixture
 def images() -> type[Images]:
     return Images
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_rate_limits():
+    """The VMM's log lines are rate-limited per process (hypervisor/lazylog.py): each test starts afresh."""
+    from hypervisor.lazylog import reset_rate_limits
+    reset_rate_limits()

@@ -58,6 +58,7 @@ class AgentSession:
                                      stdout=subprocess.PIPE, stderr=self.stderr_file)
         self._frames: queue.Queue = queue.Queue()
         self._stash: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.stdin_acked: dict[int, int] = collections.defaultdict(int)  # exec id -> STDIN_ACK total
         self._send_lock = threading.Lock()
         self.decode_error: Exception | None = None
         threading.Thread(target=self._reader, daemon=True).start()
@@ -114,6 +115,9 @@ class AgentSession:
         while True:
             frame = self._pull(max(0.01, deadline - time.monotonic()))
             assert frame is not None, f"agent closed its stdout; stderr: {self.stderr_text()!r}"
+            if frame.type == p.MsgType.STDIN_ACK:  # flow control, counted apart (PROTOCOL.md)
+                self.stdin_acked[frame.id] += p.decode_payload(frame).consumed
+                continue
             if frame.id == id_:
                 return frame
             self._stash[frame.id].append(frame)
@@ -197,7 +201,7 @@ def _pid_alive(pid: int) -> bool:
 # ---- start-up and simple requests ----
 
 def test_ready_names_protocol_version_and_kernel_release(agent):
-    assert agent.ready == p.Ready("pclite-agent/1", os.uname().release)
+    assert agent.ready == p.Ready("pclite-agent/2", os.uname().release)
 
 
 def test_ping_echoes_payload_of_any_size(agent):
@@ -293,6 +297,7 @@ def test_stdin_is_echoed_back_through_cat(agent):
     result = agent.collect(9)
     assert _exited(result), result
     assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+    assert agent.stdin_acked[9] == len(blob)  # every byte given back to the host's window, before EXIT
 
 
 def test_stdin_is_dev_null_without_stdin_follows(agent):

@@ -49,7 +49,7 @@ def agent():
 
 
 def test_ready_carries_version(agent):
-    assert agent.version.startswith("pclite-agent/1 ")
+    assert agent.version.startswith("pclite-agent/2 ")
     assert agent.ping() < 1.0
 
 
@@ -61,7 +61,7 @@ def test_exec_exit_code_stdout_stdin(agent):
 
 def test_one_mib_of_stdout_arrives_intact(agent):
     script = 'f=$(mktemp); head -c 1048576 /dev/urandom > "$f"; cat "$f"; sha256sum < "$f" >&2; rm "$f"'
-    result = agent.exec(["sh", "-c", script], output_cap=0)
+    result = agent.exec(["sh", "-c", script], output_cap=1 << 20)
     assert len(result.stdout) == 1 << 20
     assert hashlib.sha256(result.stdout).hexdigest() == result.stderr.split()[0].decode()
 
