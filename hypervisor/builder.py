@@ -24,11 +24,22 @@ def console_sink(target: str):
     """"-": this process's stdout, "none": discarded, else appended to that file (its tail kept: CappedLog)."""
     if target == "none":
         return None
-    if target != "-":
+    if target == "-":
+        fd = sys.stdout.fileno()
+    elif _regular_or_new(target):
         from hypervisor.capped_log import CappedLog  # the guest may print forever: the file keeps its tail
         return CappedLog(target).write
-    fd = sys.stdout.fileno()
+    else:  # a FIFO or a terminal: nothing accumulates on the host to cap
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND)
     return lambda data: os.write(fd, data)
+
+
+def _regular_or_new(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def _rootfs(spec) -> tuple[str | None, bool]:
