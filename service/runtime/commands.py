@@ -4,25 +4,32 @@ undone what it started (a claimed VM is released, a half-made state directory re
 import _signal
 import errno
 import os
+import sys
 import time
 
-from service.runtime.main import (
-    FLAVOR_ANNOTATION,
-    Usage,
-    container_of,
-    now_iso,
-    one,
-    print_json,
-    signal_number,
-)
+from service.runtime.arguments import Usage, container_of, one, signal_number, switch
 from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
 from service.runtime.wire import Pclited, Vmm, WireError
+
+FLAVOR_ANNOTATION = "pclite.flavor"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from service.runtime.standin import Relay
 
-# ---- create / start
+
+def now_iso() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
+
+
+def print_json(data) -> None:
+    from service.runtime.jsonlite import dumps
+    sys.stdout.write(dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+# ---- create
 
 def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
     from service.runtime import oci  # only the commands that read specs pay for it
@@ -254,7 +261,7 @@ def cmd_kill(root: str, opts: dict, positional: list[str], log: Log) -> int:
         os.kill(state["pid"], signo)
         return 0
     targets = [c.read_json("init.json")["exec_id"]]
-    if opts.get("all") or opts.get("a"):
+    if switch(opts, "all", "a"):
         targets += [record["exec_id"] for record in c.execs().values()]
     vmm = Vmm(state["api_socket"])
     for exec_id in targets:
@@ -319,7 +326,7 @@ def cmd_exec(root: str, opts: dict, positional: list[str], log: Log) -> int:
         else:
             env = [f"PATH={oci.DEFAULT_PATH}", *opts.get("env", []), *opts.get("e", [])]
             process = oci.guest_process({"args": positional[1:], "env": env, "cwd": one(opts, "cwd") or "/",
-                                         "terminal": bool(opts.get("tty") or opts.get("t"))})
+                                         "terminal": switch(opts, "tty", "t")})
     except oci.SpecError as exc:
         raise RuntimeFailure(f"exec in {c.id}: {exc}") from None
     console = one(opts, "console-socket")
@@ -327,7 +334,7 @@ def cmd_exec(root: str, opts: dict, positional: list[str], log: Log) -> int:
         raise Usage("a terminal needs --console-socket (the shim's; pclite-runtime makes no terminal of its own)")
     vmm = Vmm(state["api_socket"])
     from service.runtime import standin
-    if not (opts.get("detach") or opts.get("d")):  # in the foreground: this process relays, then mirrors the exit
+    if not (switch(opts, "detach", "d")):  # in the foreground: this process relays, then mirrors the exit
         relay = standin.Relay(vmm, process, log, 0, 1, 2, bool(process.get("tty")))
         try:
             relay.start()

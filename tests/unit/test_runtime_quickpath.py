@@ -157,8 +157,9 @@ def test_delete_force_of_a_container_already_gone_answers_at_once(quick, tmp_pat
     assert handed is None and done.returncode == 0 and not (tmp_path / "log").exists()  # nothing to say
     run(quick, "--root", str(tmp_path), "delete", "--force", "c1", env={"PCLITE_RUNTIME_LOG": str(tmp_path / "copy")})
     assert "delete --force c1: " in (tmp_path / "copy").read_text()  # only the timing line, when asked for
-    (tmp_path / "half").mkdir()  # a create that stopped half-way: Python clears it
-    assert run(quick, "--root", str(tmp_path), "delete", "-f", "half")[1] is not None
+    (tmp_path / "half" / "execs").mkdir(parents=True)  # a create that stopped half-way: cleared as well
+    done, handed = run(quick, "--root", str(tmp_path), "delete", "-f", "half")
+    assert handed is None and done.returncode == 0 and not (tmp_path / "half").exists()
 
 
 @pytest.mark.parametrize("argv", [

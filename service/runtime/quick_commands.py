@@ -1,0 +1,116 @@
+"""`start` and `delete`: after create, the two commands every container's life waits on, with no more imported
+than they need (the state files; for a delete that releases a VM, the HTTP client). Each module is ~10 ms of a
+runtime start in the lab.
+
+What each may do is decided from the state directory's files alone, in start_rule and delete_rule. quickpath.c
+answers the same calls without starting Python and mirrors these two functions case by case (or hands the call
+over): tests/unit/test_runtime_rules.py runs both over the same state directories. Change them together.
+"""
+
+import os
+import time
+
+from service.runtime.arguments import container_of, switch
+from service.runtime.state import Container, Log, RuntimeFailure, alive, remove_tree
+
+START_TIMEOUT_S = 60.0  # quickpath.c's START_TIMEOUT_S
+
+# delete_rule's answers
+NOTHING = "nothing"  # --force, and no directory: containerd's cleanup after every task delete
+CLEAR = "clear"  # --force, and a directory without state.json: a create that stopped half-way
+FILES = "files"  # stopped, its VM released by the stand-in (`released`), no stand-in alive: remove the files
+RELEASE = "release"  # the VM may still be claimed, or stand-ins run: (--force kills them) release through pclited
+
+
+def start_rule(c: Container) -> dict:
+    """`start` goes on only for a created container (its stand-in alive, not paused, no guest process yet):
+    returns its lean state, else raises the reason."""
+    state = c.load_lean()
+    status = c.status(state)
+    if status != "created":
+        raise RuntimeFailure(f"cannot start container {c.id}: it is {status}, not created")
+    return state
+
+
+def delete_rule(c: Container, force: bool) -> tuple[str, dict | None]:
+    """(one of NOTHING, CLEAR, FILES, RELEASE; the lean state or None), or raises why `delete` refuses."""
+    if not c.exists():
+        if not force:
+            raise RuntimeFailure(f"container {c.id} does not exist")
+        return (CLEAR if os.path.lexists(c.dir) else NOTHING), None
+    state = c.load_lean()
+    status = c.status(state)
+    if status != "stopped" and not force:
+        raise RuntimeFailure(f"cannot delete container {c.id} that is not stopped: {status}")
+    if status == "stopped" and os.path.exists(c.path("released")) and not c.execs():
+        return FILES, state
+    return RELEASE, state
+
+
+def cmd_start(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    state = start_rule(c)
+    try:
+        fd = os.open(c.path("exec.fifo"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot start container {c.id}: its stand-in process is not waiting "
+                             f"({exc.strerror}): delete it and create it again") from None
+    os.write(fd, b"0")
+    os.close(fd)
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT_S
+    while not os.path.exists(c.path("init.json")):
+        gone = not alive(state["pid"], state["start_time"])  # before init.error: it writes that, then exits
+        if os.path.exists(c.path("init.error")):
+            with open(c.path("init.error")) as f:
+                raise RuntimeFailure(f"start {c.id}: {f.read().strip()}")
+        if gone or time.monotonic() > deadline:
+            raise RuntimeFailure(f"start {c.id}: the stand-in process ended before the guest process started "
+                                 f"(see the log{': ' + state['log'] if state.get('log') else ''})")
+        time.sleep(0.003)
+    log.info(f"start {c.id}: the guest process runs after {(time.monotonic() - started) * 1000:.0f} ms")
+    return 0
+
+
+def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
+    c = container_of(root, positional)
+    force = switch(opts, "force", "f")
+    action, state = delete_rule(c, force)
+    if action in (NOTHING, CLEAR):
+        remove_tree(c.dir)
+        return 0
+    if action == RELEASE and force:
+        _kill_stand_ins(c, state)
+    if os.path.exists(c.path("released")):  # FILES, or RELEASE of one whose stand-ins --force just killed
+        remove_tree(c.dir)
+        log.info(f"delete {c.id}: VM {state['vm_id']} was released when its process ended")
+        return 0
+    _release(c, state, force, log)
+    remove_tree(c.dir)
+    return 0
+
+
+def _kill_stand_ins(c: Container, state: dict) -> None:
+    for pid, started in [(state.get("pid"), state.get("start_time"))] + \
+            [(pid, record.get("start_time")) for pid, record in c.execs().items()]:
+        if alive(pid, started):
+            try:  # noqa: SIM105 - contextlib costs start-up time
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _release(c: Container, state: dict, force: bool, log: Log) -> None:
+    from service.runtime.wire import Pclited, Unreachable, WireError
+    started = time.monotonic()
+    try:
+        Pclited(state.get("server")).release(state["vm_id"])
+    except Unreachable as exc:
+        if not force:
+            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
+        log.warning(f"delete {c.id}: VM {state['vm_id']} is left to pclited: {exc}")
+        return
+    except WireError as exc:
+        if exc.status != 404:  # 404: pclited no longer knows it
+            raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
+    log.info(f"delete {c.id}: VM {state['vm_id']} released in {(time.monotonic() - started) * 1000:.0f} ms")
