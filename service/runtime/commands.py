@@ -8,6 +8,7 @@ import sys
 import time
 
 from service.runtime.arguments import Usage, container_of, one, signal_number, switch
+from service.runtime.peers import pclited as pclited_client
 from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
 from service.runtime.wire import Pclited, Vmm, WireError
 
@@ -46,11 +47,12 @@ def cmd_create(root: str, opts: dict, positional: list[str], log: Log) -> int:
     if process.get("tty") and not console:
         raise Usage("process.terminal is true: a terminal needs --console-socket")
     annotations = config.get("annotations") or {}
+    pclited = pclited_client()
     try:
         os.makedirs(c.dir, 0o711)
     except FileExistsError:
         raise RuntimeFailure(f"container {c.id} already exists: delete it first, or pick another id") from None
-    pclited, vm, pid = Pclited(), None, None
+    vm, pid = None, None
     steps = Steps()
     try:
         vm = pclited.claim(annotations.get(FLAVOR_ANNOTATION) or "default")
@@ -146,9 +148,14 @@ def _release_stopped(c: Container, log: Log) -> None:
     the release fails, `delete` releases the VM as before."""
     try:
         state = c.load_lean()
-        Pclited(state.get("server")).release(state["vm_id"])
+        vm_id = state["vm_id"]
     except (RuntimeFailure, KeyError) as exc:
         log.warning(f"container {c.id}: its state is unreadable ({exc}); `delete` releases the VM")
+        return
+    try:
+        pclited_client(state.get("server")).release(vm_id)
+    except RuntimeFailure as exc:  # the client config
+        log.warning(f"container {c.id}: {exc}; `delete` releases the VM")
         return
     except WireError as exc:
         if exc.status != 404:  # 404: pclited no longer knows it

@@ -101,10 +101,11 @@ def _kill_stand_ins(c: Container, state: dict) -> None:
 
 
 def _release(c: Container, state: dict, force: bool, log: Log) -> None:
-    from service.runtime.wire import Pclited, Unreachable, WireError
+    from service.runtime.peers import pclited
+    from service.runtime.wire import Unreachable, WireError
     started = time.monotonic()
     try:
-        Pclited(state.get("server")).release(state["vm_id"])
+        pclited(state.get("server")).release(state["vm_id"])
     except Unreachable as exc:
         if not force:
             raise RuntimeFailure(f"delete {c.id}: could not release VM {state['vm_id']}: {exc}") from None
