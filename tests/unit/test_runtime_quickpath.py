@@ -60,7 +60,9 @@ if sys.argv[2] == "ok":
     open(os.path.join(d, "init.json"), "w").write('{"exec_id": 1, "guest_pid": 7}')
     time.sleep(30)
 else:
-    open(os.path.join(d, "init.error"), "w").write("the guest could not start /bin/nope: no such file\\n")
+    with open(os.path.join(d, "init.error.tmp"), "w") as f:  # written whole, then renamed, as write_atomic does
+        f.write("the guest could not start /bin/nope: no such file\\n")
+    os.rename(os.path.join(d, "init.error.tmp"), os.path.join(d, "init.error"))
 """
 
 
