@@ -39,6 +39,3 @@ class BootPlan:
     def __repr__(self) -> str:
         return (f"BootPlan({self.entry_mode}, entry={self.entry:#x}, boot_info={self.boot_info:#x}, "
                 f"{len(self.segments)} segments, {self.kernel_format}, {self.details})")
-
-    def end_of_image(self) -> int:
-        return max(s.gpa + len(s.data) for s in self.segments)

@@ -27,7 +27,6 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 
-from hypervisor.kvm_structs import *  # noqa: F403 - re-export the ABI for callers of this module
 from hypervisor.kvm_structs import (
     IOCTL_NAMES,
     KVM_API_VERSION,

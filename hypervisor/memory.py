@@ -69,9 +69,6 @@ class GuestMemory:
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.view(gpa, 4), "little")
 
-    def read_u64(self, gpa: int) -> int:
-        return int.from_bytes(self.view(gpa, 8), "little")
-
     def write_u16(self, gpa: int, value: int) -> None:
         self.view(gpa, 2)[:] = value.to_bytes(2, "little")
 

@@ -126,9 +126,6 @@ class Virtqueue:
     def _avail_idx(self) -> int:
         return self.memory.read_u16(self.avail_addr + 2)
 
-    def has_available(self) -> bool:
-        return self._avail_idx() != self.last_avail
-
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None when the driver has posted nothing new."""
         if not self.ready:

@@ -19,69 +19,8 @@ PCLITE_TOKEN, else pclitectl's config file. Errors: one line on stderr and in --
 import sys
 import time
 
-from service.runtime import state as st
-from service.runtime.state import Container, Log, RuntimeFailure
-
-FLAVOR_ANNOTATION = "pclite.flavor"
-START_TIMEOUT_S = 60.0
-SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "BUS": 7, "FPE": 8, "KILL": 9, "USR1": 10,
-           "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16, "CHLD": 17, "CONT": 18,
-           "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25, "VTALRM": 26,
-           "PROF": 27, "WINCH": 28, "IO": 29, "PWR": 30, "SYS": 31}
-# Flags per command: value flags take an argument; the rest are switches. Unknown runc flags are refused.
-GLOBAL_VALUES = {"root", "log", "log-format", "criu", "rootless"}
-GLOBAL_SWITCHES = {"debug", "systemd-cgroup", "help", "h", "version", "v"}
-COMMANDS = {
-    "create": ({"bundle", "b", "pid-file", "console-socket", "preserve-fds"}, {"no-pivot", "no-new-keyring"}),
-    "start": (set(), set()), "state": (set(), set()), "pause": (set(), set()), "resume": (set(), set()),
-    "kill": (set(), {"all", "a"}), "delete": (set(), {"force", "f"}), "features": (set(), set()),
-    "exec": ({"process", "p", "pid-file", "console-socket", "cwd", "env", "e", "user", "u", "preserve-fds"},
-             {"detach", "d", "tty", "t", "no-new-privs"}),
-    "ps": ({"format", "f"}, set()), "update": ({"resources", "r"}, set()),
-}
-
-
-class Usage(Exception):
-    pass
-
-
-def parse_flags(args: list[str], values: set[str], switches: set[str], anywhere: bool):
-    """Go-style flags (-x, --x, --x=v, --x v) → (options, positional). anywhere: flags may follow positional
-    arguments too (`delete ID --force`); otherwise the first positional argument ends the flags."""
-    options: dict[str, object] = {}
-    positional: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            positional += args[i:]
-            break
-        if not arg.startswith("-") or arg == "-":
-            positional.append(arg)
-            if not anywhere:
-                positional += args[i:]
-                break
-            continue
-        name, eq, value = arg.lstrip("-").partition("=")
-        if name in values:
-            if not eq:
-                if i >= len(args):
-                    raise Usage(f"flag --{name} needs a value")
-                value, i = args[i], i + 1
-            options.setdefault(name, []).append(value)  # repeatable (exec --env)
-        elif name in switches:
-            options[name] = value.lower() not in ("false", "0") if eq else True
-        else:
-            raise Usage(f"unknown flag {arg}")
-    return options, positional
-
-
-def one(options: dict, *names: str) -> str | None:
-    for name in names:
-        if name in options:
-            return options[name][-1]
-    return None
+from service.runtime.arguments import COMMANDS, GLOBAL_SWITCHES, GLOBAL_VALUES, Usage, one, parse_flags, switch
+from service.runtime.state import DEFAULT_ROOT, Log, RuntimeFailure, die
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options, rest = parse_flags(argv, GLOBAL_VALUES, GLOBAL_SWITCHES, False)
         log = Log(one(options, "log"), one(options, "log-format") or "text")
-        if options.get("version") or options.get("v"):
+        if switch(options, "version", "v"):
             print("pclite-runtime version 0.1.0\nspec: 1.0.2")
             return 0
-        if not rest or options.get("help") or options.get("h"):
+        if not rest or switch(options, "help", "h"):
             print(__doc__)
             return 0 if not rest else 2
         command, args = rest[0], rest[1:]
@@ -102,18 +41,14 @@ def main(argv: list[str] | None = None) -> int:
             raise Usage(f"unknown command {command!r}")
         values, switches = COMMANDS[command]
         cmd_options, positional = parse_flags(args, values, switches, command != "exec")
-        root = one(options, "root") or st.DEFAULT_ROOT
-        if command == "delete" and (cmd_options.get("force") or cmd_options.get("f")) and positional and \
-                not container_of(root, positional).exists():
-            code = 0  # containerd's cleanup after every task delete: answer before importing anything more
+        root = one(options, "root") or DEFAULT_ROOT
+        if command in ("start", "delete"):  # what containerd waits on: the lean module
+            from service.runtime import quick_commands as handlers
         else:
-            if command in ("start", "delete"):
-                from service.runtime import light as commands
-            else:
-                from service.runtime import commands
-            code = getattr(commands, "cmd_" + command)(root, cmd_options, positional, log) or 0
+            from service.runtime import commands as handlers
+        code = getattr(handlers, "cmd_" + command)(root, cmd_options, positional, log) or 0
         if log.copy:
-            force = " --force" if cmd_options.get("force") or cmd_options.get("f") else ""
+            force = " --force" if switch(cmd_options, "force", "f") else ""
             _log_duration(log, command + force, positional, entered)
         return code
     except Usage as exc:
@@ -122,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pclite-runtime: {exc}", file=sys.stderr)
         return 2
     except RuntimeFailure as exc:
-        st.die(log, str(exc))
+        die(log, str(exc))
     except KeyboardInterrupt:
         return 130
     return 1
@@ -141,32 +76,6 @@ def _log_duration(log: Log, command: str, positional: list[str], entered: float)
     now = time.clock_gettime(time.CLOCK_BOOTTIME)
     log.info(f"{command} {positional[0] if positional else '-'}: {(now - started) * 1000:.0f} ms from exec to exit, "
              f"{(entered - started) * 1000:.0f} ms of it before main()")
-
-
-def container_of(root: str, positional: list[str]) -> Container:
-    if not positional:
-        raise Usage("the container id is missing")
-    return Container(root, positional[0])
-
-
-def signal_number(text: str) -> int:
-    name = text.upper().removeprefix("SIG")
-    if name.isdigit() and 0 < int(name) < 65:
-        return int(name)
-    if name in SIGNALS:
-        return SIGNALS[name]
-    raise Usage(f"unknown signal {text!r}: use a number or a name like TERM, KILL, SIGINT")
-
-
-def now_iso() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
-
-
-def print_json(data) -> None:
-    from service.runtime.jsonlite import dumps
-    sys.stdout.write(dumps(data, indent=2) + "\n")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
  * itself: `start`, `delete` once the stand-in has released the VM, `delete --force` of a container already gone.
  * Every other call, and every case it is unsure of, goes unchanged (execv, same argv) to the Python runtime, path
  * compiled in as PYTHON_RUNTIME. Nothing is changed before `start` writes its byte to exec.fifo, so handing over
- * is always safe up to there. The files are described in service/runtime/state.py; keep both in step. */
+ * is always safe up to there. start_rule and delete_rule mirror the functions of those names in
+ * service/runtime/quick_commands.py (tests/unit/test_runtime_rules.py runs both over the same state directories);
+ * the files are described in service/runtime/state.py. Keep all three in step. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -19,7 +21,7 @@
 #error "build with -DPYTHON_RUNTIME=\"/path/to/the/python/pclite-runtime\""
 #endif
 
-#define START_TIMEOUT_S 60.0 /* as START_TIMEOUT_S in main.py */
+#define START_TIMEOUT_S 60.0 /* as START_TIMEOUT_S in quick_commands.py */
 
 static char **original_argv;
 static const char *log_path, *log_copy;
@@ -160,12 +162,18 @@ static int remove_tree(const char *path) {
     return rmdir(path);
 }
 
+/* quick_commands.start_rule: only a created container (stand-in alive, not paused, no guest process yet); for the
+ * others Python says why. */
+static void start_rule(const char *dir, struct lean_state *state) {
+    if (load_lean(dir, state) || !alive(state->pid, state->start_time) || exists(dir, "paused") ||
+        exists(dir, "init.json"))
+        hand_over();
+}
+
 static void start(const char *dir, const char *id) {
     struct lean_state state;
     char msg[8192], reason[4096];
-    if (load_lean(dir, &state) || !alive(state.pid, state.start_time) || exists(dir, "paused") ||
-        exists(dir, "init.json"))
-        hand_over(); /* not `created`: Python says why */
+    start_rule(dir, &state);
     char fifo[4096];
     snprintf(fifo, sizeof fifo, "%s/exec.fifo", dir);
     int fd = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
@@ -196,17 +204,17 @@ static void start(const char *dir, const char *id) {
     exit(0);
 }
 
-static void delete(const char *dir, const char *id, int force) {
-    struct lean_state state;
-    char msg[1024];
-    if (force && !exists(dir, "state.json") && access(dir, F_OK) != 0) {
-        log_duration("delete --force", id); /* containerd's cleanup after every task delete */
-        exit(0);
+enum delete_action { NOTHING, CLEAR, FILES };
+
+/* quick_commands.delete_rule, for the answers that need no VM API and no kill; RELEASE and every refusal go to
+ * Python. FILES is narrower here: any file under execs/ hands over (Python checks whether its stand-in lives). */
+static enum delete_action delete_rule(const char *dir, int force, struct lean_state *state) {
+    if (!exists(dir, "state.json")) {
+        struct stat st;
+        if (!force) hand_over(); /* Python says it does not exist */
+        return lstat(dir, &st) ? NOTHING : CLEAR;
     }
-    /* Only a stopped container whose VM its stand-in already released (the file `released`) and with no exec
-     * stand-in left: anything else needs the VM API or kills, which Python does. */
-    if (!exists(dir, "released") || load_lean(dir, &state) || alive(state.pid, state.start_time))
-        hand_over();
+    if (load_lean(dir, state) || alive(state->pid, state->start_time) || !exists(dir, "released")) hand_over();
     char execs[4096];
     snprintf(execs, sizeof execs, "%s/execs", dir);
     DIR *open_execs = opendir(execs);
@@ -215,9 +223,18 @@ static void delete(const char *dir, const char *id, int force) {
             if (entry->d_name[0] != '.') hand_over();
         closedir(open_execs);
     }
+    return FILES;
+}
+
+static void delete(const char *dir, const char *id, int force) {
+    struct lean_state state;
+    char msg[1024];
+    enum delete_action action = delete_rule(dir, force, &state);
     if (remove_tree(dir) && errno != ENOENT) hand_over();
-    snprintf(msg, sizeof msg, "delete %s: VM %s was released when its process ended", id, state.vm_id);
-    log_write("info", msg);
+    if (action == FILES) {
+        snprintf(msg, sizeof msg, "delete %s: VM %s was released when its process ended", id, state.vm_id);
+        log_write("info", msg);
+    }
     log_duration(force ? "delete --force" : "delete", id);
     exit(0);
 }

@@ -60,7 +60,9 @@ if sys.argv[2] == "ok":
     open(os.path.join(d, "init.json"), "w").write('{"exec_id": 1, "guest_pid": 7}')
     time.sleep(30)
 else:
-    open(os.path.join(d, "init.error"), "w").write("the guest could not start /bin/nope: no such file\\n")
+    with open(os.path.join(d, "init.error.tmp"), "w") as f:  # written whole, then renamed, as write_atomic does
+        f.write("the guest could not start /bin/nope: no such file\\n")
+    os.rename(os.path.join(d, "init.error.tmp"), os.path.join(d, "init.error"))
 """
 
 
@@ -157,8 +159,9 @@ def test_delete_force_of_a_container_already_gone_answers_at_once(quick, tmp_pat
     assert handed is None and done.returncode == 0 and not (tmp_path / "log").exists()  # nothing to say
     run(quick, "--root", str(tmp_path), "delete", "--force", "c1", env={"PCLITE_RUNTIME_LOG": str(tmp_path / "copy")})
     assert "delete --force c1: " in (tmp_path / "copy").read_text()  # only the timing line, when asked for
-    (tmp_path / "half").mkdir()  # a create that stopped half-way: Python clears it
-    assert run(quick, "--root", str(tmp_path), "delete", "-f", "half")[1] is not None
+    (tmp_path / "half" / "execs").mkdir(parents=True)  # a create that stopped half-way: cleared as well
+    done, handed = run(quick, "--root", str(tmp_path), "delete", "-f", "half")
+    assert handed is None and done.returncode == 0 and not (tmp_path / "half").exists()
 
 
 @pytest.mark.parametrize("argv", [
