@@ -28,14 +28,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hypervisor.client import VmmClient, VmmError, VmmUnavailable
+from service.core.config import Settings
 from service.models import CLAIMED, VM
 from service.services.errors import Conflict, Invalid, VmmFailed
-from service.services.vmm import LaunchError, blocking, client_module
+from service.services.inventory import Inventory
+from service.services.work import blocking
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-    from service.services.runtime import Runtime
 
 log = logging.getLogger("pclited")
 IMAGE_NAME = "rootfs.ext4"
@@ -182,8 +183,8 @@ def _keep(image: Path, cached: Path) -> None:
 
 
 class RootfsService:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, settings: Settings, inventory: Inventory) -> None:
+        self.settings, self.inventory = settings, inventory
         self._busy: set[str] = set()  # VMs whose rootfs is being attached: a second request is a conflict
         self._tasks: set[asyncio.Task] = set()  # work done after the answer (the event log line)
 
@@ -200,7 +201,7 @@ class RootfsService:
         task.add_done_callback(done)
 
     async def _claimed(self, vm_id: str) -> VM:
-        vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
+        vm = await asyncio.to_thread(self.inventory.get, vm_id)
         if vm.state != CLAIMED:
             raise Conflict(f"VM {vm_id} is {vm.state}: a rootfs goes only into a claimed VM (claim one with "
                            "POST /v1/vms)")
@@ -272,7 +273,7 @@ class RootfsService:
     async def _attach(self, vm: VM, source: Path, read_only: bool, size_mib: int | None, extra: dict,
                       mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
         image = image_path(vm)
-        built = await blocking(build_image, source, image, size_mib, self.rt.settings.data_dir / "rootfs-cache")
+        built = await blocking(build_image, source, image, size_mib, self.settings.data_dir / "rootfs-cache")
         mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
                    "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
 
@@ -284,24 +285,21 @@ class RootfsService:
 
         try:
             started = time.monotonic()
-            await blocking(swap_and_mount, client_module().VmmClient(vm.api_socket, timeout=30.0))
+            await blocking(swap_and_mount, VmmClient(vm.api_socket, timeout=30.0))
             attach_ms = round((time.monotonic() - started) * 1000, 3)
-        except LaunchError as exc:
-            raise VmmFailed(str(exc)) from exc
         except Exception as exc:
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()  # the next attempt (or the VM's deletion) starts clean
-            mod = client_module()
-            if isinstance(exc, mod.VmmUnavailable):
+            if isinstance(exc, VmmUnavailable):
                 raise Conflict(f"VM {vm.id}'s VMM is gone ({exc}): delete it and claim another") from exc
-            if isinstance(exc, mod.VmmError):
+            if isinstance(exc, VmmError):
                 what = "the rootfs and the container's mounts" if len(mounts) > 1 or hostname else "the rootfs"
                 raise VmmFailed(f"attaching {what} to {vm.id} failed: {exc}") from exc
             raise
         if built.get("cache_entry"):
             make_spare_in_background(Path(built["cache_entry"]))
         self._after_answer(asyncio.to_thread(
-            self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
+            self.inventory.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
             f"{built['files']} files, {'cached' if built['cached'] else 'built'} in {built['build_ms']:.0f} ms)",
             vm.id, vm.flavor))
         return {"vm_id": vm.id, "device": GUEST_DEVICE, "mountpoint": GUEST_MOUNTPOINT, "read_only": read_only,
