@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 from service.core.config import Settings
 from service.metrics import Metrics
-from service.models import Flavor
+from service.models import TEMPLATE_STATES, Flavor
 from service.services.inventory import Inventory
 from service.services.procfs import scan_vmms
 from service.services.timeline import boot_phases
@@ -42,8 +42,8 @@ BUILD_PREFIX = ".build-"  # a build in progress; such a directory found at start
 GC_EVERY_S = 5.0
 SNAPSHOT_TIMEOUT_S = 300.0  # writing guest RAM (holes skipped) over a slow disk
 SNAPSHOT_TRIES = 3
-PENDING, BUILDING, READY, FAILED, DISABLED = "pending", "building", "ready", "failed", "disabled"
-STATES = (DISABLED, PENDING, BUILDING, READY, FAILED)
+STATES = TEMPLATE_STATES
+DISABLED, PENDING, BUILDING, READY, FAILED = STATES
 
 
 def snapshot_version() -> int:

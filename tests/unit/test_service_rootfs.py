@@ -105,7 +105,7 @@ async def _chunks(data: bytes, size: int = 4096):
 
 def test_tar_stream_unpacks_and_junk_or_escapes_are_refused(tmp_path):
     import asyncio
-    service = rootfs.RootfsService(rt=None)
+    service = rootfs.RootfsService(settings=None, inventory=None)
     target = tmp_path / "unpacked"
     got = asyncio.run(service._unpack(_chunks(_tar({"bin/sh": b"shell", "etc/hostname": b"h\n"})), target))
     assert got > 0 and (target / "bin" / "sh").read_bytes() == b"shell"
