@@ -227,7 +227,7 @@ class TemplateManager:
             return
         finally:
             await blocking(self.launcher.stop, vm, 1.0)
-            self.launcher.children.pop(vm.id, None)
+            self.launcher.forget(vm.id)
             await asyncio.to_thread(shutil.rmtree, work, True)
         if self.templates.get(flavor.name) is not template:
             return  # the spec changed while it was built: the garbage collector takes the directory
@@ -247,7 +247,7 @@ class TemplateManager:
         args = launcher.boot_args(flavor, vm.api_socket, vm.console_path, detach=False)  # dies with pclited
         proc = await blocking(launcher.start_process, args, vm.api_socket, work, work / "vmm.log")
         vm.pid = proc.pid
-        launcher.children[vm.id] = proc
+        launcher.watch(vm.id, proc)
         client = launcher.client(vm, timeout=10.0)
         deadline = time.monotonic() + self.settings.boot_timeout_s
         while True:

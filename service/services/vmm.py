@@ -166,6 +166,13 @@ class Launcher:
                         self.base_nice)
 
     # --- watching -------------------------------------------------------------------------------------------
+    def watch(self, vm_id: str, proc) -> None:
+        """Poll (and reap) proc as vm_id's VMM: one started by start_process (spawn does this itself)."""
+        self.children[vm_id] = proc
+
+    def forget(self, vm_id: str) -> None:
+        self.children.pop(vm_id, None)
+
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:
         """(alive, exit code if known). A VMM we started is polled (and reaped); an adopted one is looked up."""
         child = self.children.get(vm.id)

@@ -172,6 +172,12 @@ class FakeLauncher:
     def cleanup(self, vm) -> None:
         self.cleaned.append(vm.id)
 
+    def watch(self, vm_id: str, proc) -> None:
+        self.children[vm_id] = proc
+
+    def forget(self, vm_id: str) -> None:
+        self.children.pop(vm_id, None)
+
     def reap(self, live_ids: set[str]) -> None:
         self.reaped.append(live_ids)
 
