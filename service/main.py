@@ -33,26 +33,26 @@ log = logging.getLogger("pclited")
 
 
 def create_app(settings: Settings, token: str, db: Database | None = None) -> FastAPI:
-    from service.services.runtime import Runtime
+    from service.services.node import Node
 
-    runtime = Runtime(settings, db)
+    node = Node(settings, db)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         # DB calls and VMM waits run in threads; the default pool (cpus + 4) would queue concurrent claims.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="pclited"))
-        await runtime.start()
+        await node.start()
         try:
             yield
         finally:
-            await runtime.stop()
+            await node.stop()
             if settings.unix_socket:  # here, not after run(): uvicorn re-raises SIGTERM once it has shut down
                 settings.unix_socket.unlink(missing_ok=True)
 
     # No /docs UI: every page but the probes needs the token, which a browser would not send.
     app = FastAPI(title="pclited", version=health.pclite_version(), lifespan=lifespan, docs_url=None,
                   redoc_url=None, description="Warm pools of pclite microVMs: claim a ready VM in milliseconds.")
-    app.state.runtime = runtime
+    app.state.node = node
     errors.install(app)
     for module in (flavors, pools, vms, health):
         app.include_router(module.router)

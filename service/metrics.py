@@ -7,7 +7,7 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from service.models import VM_STATES
+from service.models import TEMPLATE_STATES, VM_STATES
 
 BOOT_PHASES = ("vmm_setup", "kernel", "init_to_agent", "total")
 # 1 ms … 60 s: a warm claim is milliseconds, a cold boot in an emulated lab is seconds.
@@ -73,13 +73,12 @@ class Metrics:
 
     def set_templates(self, states: dict[str, str]) -> None:
         """{flavor: template state}: one series per state, 1 for the current one; gone flavors lose theirs."""
-        from service.services.templates import STATES
         for flavor in self._template_flavors - set(states):
-            for state in STATES:
+            for state in TEMPLATE_STATES:
                 with contextlib.suppress(KeyError):
                     self.template_state.remove(flavor, state)
         for flavor, current in states.items():
-            for state in STATES:
+            for state in TEMPLATE_STATES:
                 self.template_state.labels(flavor, state).set(1 if state == current else 0)
         self._template_flavors = set(states)
 

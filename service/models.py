@@ -15,6 +15,8 @@ TERMINAL_STATES = (STOPPED, FAILED)
 # How a VM was made: booted from its kernel, or restored from its flavor's template snapshot.
 COLD, CLONE = "cold", "clone"
 SOURCES = (COLD, CLONE)
+# A clone flavor's template (pclited's memory, services/templates.py): disabled, pending, building, ready, failed.
+TEMPLATE_STATES = ("disabled", "pending", "building", "ready", "failed")
 
 
 def utcnow() -> datetime:

@@ -6,6 +6,7 @@ claimed once and a stop, a crash and a boot failure can never both be recorded.
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -28,7 +29,11 @@ from service.models import (
     utcnow,
 )
 from service.services.errors import NotFound, QuotaExceeded
-from service.services.vmm import new_vm_id
+
+
+def new_vm_id() -> str:
+    return "vm-" + secrets.token_hex(6)
+
 
 _VMS, _FLAVORS, _EVENTS = VM.__table__, Flavor.__table__, Event.__table__
 _NOW = bindparam("now", type_=UTCDateTime())
@@ -37,6 +42,7 @@ _PICK = (select(_VMS.c.id).join(_FLAVORS, _FLAVORS.c.name == _VMS.c.flavor)
          .where(_VMS.c.flavor == bindparam("flavor_name"), _VMS.c.state == READY,
                 _VMS.c.flavor_generation == _FLAVORS.c.generation)
          .order_by(_VMS.c.ready_at, _VMS.c.id).limit(1))
+
 # SQLite: pick, take, log in one (serialized) transaction; in-process, three statements cost little.
 _TAKE = (update(_VMS).where(_VMS.c.id == bindparam("vm_id"), _VMS.c.state == READY)
          .values(state=CLAIMED, claimed_at=_NOW).returning(*_VMS.c))

@@ -1,8 +1,9 @@
 """The pool manager: per flavor, keep `pool_target` ready VMs; boot them, claim them, back off on failures.
 
-One asyncio task loop (woken early by claims and VM exits) compares the inventory with each flavor's target:
-it starts background boots (at most `boot_concurrency` in flight), retires surplus, stale and over-age ready VMs,
-and backs a flavor off exponentially after boot failures (degraded after `degrade_after_failures` in a row).
+One asyncio task loop (woken early by claims and VM exits, through the shared `Wakeup`) compares the inventory with
+each flavor's target: it starts background boots (at most `boot_concurrency` in flight), retires surplus, stale and
+over-age ready VMs, and backs a flavor off exponentially after boot failures (degraded after `degrade_after_failures`
+in a row).
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from service.core.config import Settings
+from service.metrics import Metrics
 from service.models import BOOTING, CLAIMED, CLONE, COLD, FAILED, READY, TERMINAL_STATES, VM, Flavor, utcnow
-from service.services.errors import QuotaExceeded, Unavailable
-from service.services.vmm import VMM_LOG, LaunchError, blocking, boot_phases, vmm_errors
-
-if TYPE_CHECKING:
-    from service.services.runtime import Runtime
+from service.services.errors import NotFound, QuotaExceeded, Unavailable
+from service.services.flavors import FlavorService
+from service.services.inventory import Inventory
+from service.services.timeline import boot_phases
+from service.services.vmm import VMM_ERRORS, VMM_LOG, Launcher, LaunchError
+from service.services.work import BOOT, STOP, Wakeup, Work, blocking
 
 log = logging.getLogger("pclited")
 
@@ -47,29 +52,32 @@ class _Released(Exception):
     """The VM left BOOTING while its VMM was being started (it was deleted)."""
 
 
+class Templates(Protocol):
+    """What the pool asks of clone templates (templates.TemplateManager)."""
+
+    def plan(self, flavor: Flavor) -> tuple[str | None, str | None]: ...
+
+    async def tick(self, flavors: list[Flavor], live_templates: set[str]) -> None: ...
+
+    async def restore_failed(self, flavor_name: str, dir_name: str, reason: str, fallback: bool = True) -> None: ...
+
+
+StopVm = Callable[..., Awaitable[VM]]  # supervisor.Supervisor.stop_vm(vm_id, reason, from_states, kind=...)
+
+
 class PoolManager:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.settings = rt.settings
+    """Keeps each flavor's pool at its target and serves claims. Boots run as `work` (BOOT, vm id); VMs leave the
+    pool through `stop_vm`; `wake` (which `run` waits on) is rung by whoever frees room or a VM."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, flavors: FlavorService, launcher: Launcher,
+                 metrics: Metrics, work: Work, wake: Wakeup, templates: Templates, stop_vm: StopVm) -> None:
+        self.settings = settings
+        self.inventory, self.flavors, self.launcher, self.metrics = inventory, flavors, launcher, metrics
+        self.work, self.wake, self.templates, self.stop_vm = work, wake, templates, stop_vm
         self.health: dict[str, PoolHealth] = defaultdict(PoolHealth)
-        self.boots: dict[str, asyncio.Task] = {}  # vm id → its boot task
         self.refills: set[str] = set()  # background boots in flight (the concurrency cap counts these)
         self.claim_waiters: dict[str, bool] = {}  # cold boots: True while their claimant still waits
         self.boot_s_estimate = 5.0  # moving average of boot totals: the Retry-After hint
-        self._wake = asyncio.Event()
-        self._wake_pending = False
-
-    def wake(self, after_s: float = 0.0) -> None:
-        """Run the loop now, or after_s from now (coalesced: a burst of claims costs one tick, after it)."""
-        if after_s <= 0:
-            self._wake.set()
-        elif not self._wake_pending:
-            self._wake_pending = True
-            asyncio.get_running_loop().call_later(after_s, self._delayed_wake)
-
-    def _delayed_wake(self) -> None:
-        self._wake_pending = False
-        self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -79,15 +87,13 @@ class PoolManager:
                 raise
             except Exception:  # noqa: BLE001 - one bad tick must not stop the pools
                 log.exception("pool tick failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.pool_tick_s)
-            self._wake.clear()
+            await self.wake.wait(self.settings.pool_tick_s)
 
     # --- the loop -------------------------------------------------------------------------------------------
     async def tick(self) -> None:
-        flavors = await asyncio.to_thread(self.rt.flavors.list)
-        live = await asyncio.to_thread(self.rt.inv.live_brief)
-        await self.rt.templates.tick(flavors, {vm.template for vm in live if vm.template})
+        flavors = await asyncio.to_thread(self.flavors.list)
+        live = await asyncio.to_thread(self.inventory.live_brief)
+        await self.templates.tick(flavors, {vm.template for vm in live if vm.template})
         by_flavor: dict[str, list[VM]] = defaultdict(list)
         for vm in live:
             by_flavor[vm.flavor].append(vm)
@@ -98,18 +104,18 @@ class PoolManager:
             await self._drain(name, vms)
         for name in set(self.health) - {f.name for f in flavors}:
             del self.health[name]
-        self.rt.metrics.set_pools(gauges)
-        self.rt.metrics.set_vm_states(await asyncio.to_thread(self.rt.inv.state_counts))
+        self.metrics.set_pools(gauges)
+        self.metrics.set_vm_states(await asyncio.to_thread(self.inventory.state_counts))
 
     async def drain(self, flavor_name: str) -> None:
         """The flavor was deleted: stop its pool (claimed VMs stay their claimants')."""
-        await self._drain(flavor_name, await asyncio.to_thread(self.rt.inv.list, flavor_name))
+        await self._drain(flavor_name, await asyncio.to_thread(self.inventory.list, flavor_name))
 
     async def _drain(self, flavor_name: str, vms: list[VM]) -> None:
         for vm in vms:
             if vm.state == READY or (vm.state == BOOTING and vm.pooled):
-                await self.rt.supervisor.stop_vm(vm.id, f"flavor {flavor_name} was deleted", (READY, BOOTING),
-                                                 kind="vm.retired")
+                await self.stop_vm(vm.id, f"flavor {flavor_name} was deleted", (READY, BOOTING),
+                                   kind="vm.retired")
 
     async def _balance(self, flavor: Flavor, vms: list[VM]) -> int:
         """Retire what should not be in the pool, start boots for what is missing; returns the ready count."""
@@ -132,7 +138,7 @@ class PoolManager:
             surplus -= 1
         for vm, why in retire:
             # Only from READY: a claim that got there first keeps its VM.
-            await self.rt.supervisor.stop_vm(vm.id, f"retired: {why}", (READY,), kind="vm.retired")
+            await self.stop_vm(vm.id, f"retired: {why}", (READY,), kind="vm.retired")
         await self._refill(flavor, flavor.pool_target - len(keep) - len(booting))
         return len(keep)
 
@@ -145,14 +151,15 @@ class PoolManager:
             return
         slots = self.settings.boot_concurrency - len(self.refills)
         if health.failures:  # probing a failing flavor: one boot at a time
-            in_flight = any(self.boots[i].get_name() == flavor.name for i in self.refills if i in self.boots)
+            boots = [self.work.get(BOOT, i) for i in self.refills]
+            in_flight = any(task.get_name() == flavor.name for task in boots if task is not None)
             slots = 0 if in_flight else min(slots, 1)
-        template, health.waiting = self.rt.templates.plan(flavor)
+        template, health.waiting = self.templates.plan(flavor)
         if health.waiting:  # the first template of this spec is on its way: clones will be much quicker
             return
         for _ in range(min(deficit, slots)):
             try:
-                vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=True, template=template)
+                vm = await asyncio.to_thread(self.inventory.new_vm, flavor, pooled=True, template=template)
             except QuotaExceeded as exc:
                 health.quota = exc.detail
                 return
@@ -162,11 +169,9 @@ class PoolManager:
 
     # --- booting --------------------------------------------------------------------------------------------
     def start_boot(self, vm: VM, flavor: Flavor, *, adopted: bool = False) -> asyncio.Task:
-        task = asyncio.create_task(self._boot(vm, flavor, adopted), name=flavor.name)
-        self.boots[vm.id] = task
+        task = self.work.start(BOOT, vm.id, self._boot(vm, flavor, adopted), name=flavor.name)
 
         def done(_task) -> None:
-            self.boots.pop(vm.id, None)
             self.refills.discard(vm.id)
             self.wake()
 
@@ -200,12 +205,12 @@ class PoolManager:
     async def _start(self, vm: VM, flavor: Flavor, adopted: bool, since=None) -> dict:
         if not adopted:
             try:
-                proc = await blocking(self.rt.launcher.spawn, vm, flavor)
+                proc = await blocking(self.launcher.spawn, vm, flavor)
             except (LaunchError, OSError) as exc:
                 raise BootError(f"could not start the VMM: {exc}", started=False) from exc
             vm.pid = proc.pid
-            await asyncio.to_thread(self.rt.inv.update, vm.id, pid=proc.pid)
-            if (await asyncio.to_thread(self.rt.inv.get, vm.id)).state != BOOTING:
+            await asyncio.to_thread(self.inventory.update, vm.id, pid=proc.pid)
+            if (await asyncio.to_thread(self.inventory.get, vm.id)).state != BOOTING:
                 raise _Released  # deleted while its VMM was being started
         return await self._wait_agent(vm, grace_s=min(5.0, self.settings.boot_timeout_s) if adopted else 0.0,
                                       since=since)
@@ -216,22 +221,22 @@ class PoolManager:
         template = vm.template
         log.warning("%s (%s): restore from template %s failed, cold-booting instead: %s", vm.id, flavor.name,
                     template, error.reason)
-        await blocking(self.rt.launcher.stop, vm, 1.0)  # a clone that hangs must not linger
+        await blocking(self.launcher.stop, vm, 1.0)  # a clone that hangs must not linger
         vm_dir = Path(vm.console_path).parent
         with contextlib.suppress(OSError):  # its own log: the cold boot's failure must not quote the restore's
             os.replace(vm_dir / VMM_LOG, vm_dir / "vmm-restore.log")
         vm.source, vm.template, vm.pid = COLD, None, None
         moved = await asyncio.to_thread(
-            self.rt.inv.transition, vm.id, (BOOTING,), BOOTING,
+            self.inventory.transition, vm.id, (BOOTING,), BOOTING,
             [("vm.clone_fallback", f"restore from template {template} failed ({error.reason}); cold-booting instead")],
             source=COLD, template=None, pid=None)
-        await self.rt.templates.restore_failed(flavor.name, template, error.reason)
+        await self.templates.restore_failed(flavor.name, template, error.reason)
         return moved is not None
 
     async def _wait_agent(self, vm: VM, grace_s: float, since=None) -> dict:
         """The VMM's status once its agent is ready; BootError when the VMM dies or the boot times out. The
         timeout counts from the VM's creation, or `since` (an adopted VM gets grace_s more, it may have been close)."""
-        launcher = self.rt.launcher
+        launcher = self.launcher
         elapsed = (utcnow() - (since or vm.created_at)).total_seconds()
         deadline = time.monotonic() + max(grace_s, self.settings.boot_timeout_s - elapsed)
         client, last_error = None, None
@@ -241,7 +246,7 @@ class PoolManager:
                 moved = await blocking(launcher.scan)  # a VMM that forked away from its launcher is still fine
                 if moved.get(vm.api_socket) not in (None, vm.pid):
                     vm.pid = moved[vm.api_socket]
-                    await asyncio.to_thread(self.rt.inv.update, vm.id, pid=vm.pid)
+                    await asyncio.to_thread(self.inventory.update, vm.id, pid=vm.pid)
                     continue
                 raise BootError(f"{launcher.describe_exit(vm, code)} (during boot)", code,
                                 crashed=code is None or code < 0)
@@ -257,7 +262,7 @@ class PoolManager:
                 return await blocking(client.wait_agent_ready, min(1.0, remaining))
             except LaunchError as exc:
                 raise BootError(str(exc)) from exc
-            except vmm_errors() as exc:
+            except VMM_ERRORS as exc:
                 last_error = str(exc)[:300]
                 await asyncio.sleep(0.02)  # then look at the process and the deadline again
 
@@ -270,28 +275,28 @@ class PoolManager:
         how = "restored" if vm.source == CLONE else "boot"
         ready_msg = f"agent ready ({how} {total:.0f} ms)" if total is not None else "agent ready"
         if self.claim_waiters.pop(vm.id, False):
-            final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (BOOTING,), CLAIMED,
+            final = await asyncio.to_thread(self.inventory.transition, vm.id, (BOOTING,), CLAIMED,
                                             [("vm.ready", ready_msg), ("vm.claimed", "cold-booted for a claim (miss)")],
                                             claimed_at=now, **fields)
         else:  # a pool VM, or a cold boot whose claimant went away: it joins the pool
-            final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (BOOTING,), READY,
+            final = await asyncio.to_thread(self.inventory.transition, vm.id, (BOOTING,), READY,
                                             [("vm.ready", ready_msg)], pooled=True, **fields)
         if final is None:
             return await self._release(vm)  # stopped while booting
-        self.rt.metrics.observe_boot(flavor.name, phases or {}, vm.source)
-        self.rt.metrics.record_exits(vm.id, status.get("exits") or {})
+        self.metrics.observe_boot(flavor.name, phases or {}, vm.source)
+        self.metrics.record_exits(vm.id, status.get("exits") or {})
         if total is not None:
             self.boot_s_estimate = 0.8 * self.boot_s_estimate + 0.2 * total / 1000
         health = self.health[flavor.name]
         if health.failures >= self.settings.degrade_after_failures:
-            await asyncio.to_thread(self.rt.inv.event, "pool.recovered", f"{vm.id} booted after "
+            await asyncio.to_thread(self.inventory.event, "pool.recovered", f"{vm.id} booted after "
                                     f"{health.failures} failures", vm.id, flavor.name)
         health.failures, health.backoff_until, health.last_error = 0, 0.0, None
         return final
 
     async def _boot_failed(self, vm: VM, flavor: Flavor, error: BootError) -> None:
         self.claim_waiters.pop(vm.id, None)
-        final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (BOOTING,), FAILED,
+        final = await asyncio.to_thread(self.inventory.transition, vm.id, (BOOTING,), FAILED,
                                         [("vm.failed", f"boot failed: {error.reason}")], failure_reason=error.reason,
                                         stopped_at=utcnow(), exit_code=error.code)
         if final is None:
@@ -304,39 +309,45 @@ class PoolManager:
         health.last_error = error.reason
         delay = min(self.settings.backoff_base_s * 2 ** (health.failures - 1), self.settings.backoff_max_s)
         health.backoff_until = time.monotonic() + delay
-        await blocking(self.rt.launcher.stop, final, 1.0)  # a hung VMM (timeout) must not linger
+        await blocking(self.launcher.stop, final, 1.0)  # a hung VMM (timeout) must not linger
         if error.crashed:
-            self.rt.metrics.vmm_crashes.inc()
+            self.metrics.vmm_crashes.inc()
         asyncio.get_running_loop().call_later(delay, self.wake)  # retry on time, not at the next tick
         if health.failures == self.settings.degrade_after_failures:
-            await asyncio.to_thread(self.rt.inv.event, "pool.degraded", f"{health.failures} consecutive boot "
+            await asyncio.to_thread(self.inventory.event, "pool.degraded", f"{health.failures} consecutive boot "
                                     f"failures, last: {error.reason}", vm.id, flavor.name)
         self.wake()
         return None
 
     async def _release(self, vm: VM) -> None:
         """The VM left BOOTING under us (it was deleted): its VMM must not outlive it."""
-        current = await asyncio.to_thread(self.rt.inv.get, vm.id)
-        if current.state in TERMINAL_STATES and vm.id not in self.rt.supervisor.stops:
-            await blocking(self.rt.launcher.stop, vm, 1.0)
+        current = await asyncio.to_thread(self.inventory.get, vm.id)
+        if current.state in TERMINAL_STATES and self.work.get(STOP, vm.id) is None:
+            await blocking(self.launcher.stop, vm, 1.0)
 
     def flavor_changed(self, name: str) -> None:
         """A new spec deserves a fresh start: forget its failures and backoff."""
         self.health.pop(name, None)
         self.wake()
 
-    def adopt_boot(self, vm: VM, flavor: Flavor) -> None:
-        """A VM found booting after a restart: wait for its agent like any boot (its claimant is gone)."""
-        if vm.id not in self.boots:
+    async def adopt_boot(self, vm: VM) -> None:
+        """A VM found booting after a restart: wait for its agent like any boot (its claimant is gone); stop it
+        when its flavor is gone."""
+        try:
+            flavor = await asyncio.to_thread(self.flavors.get, vm.flavor)
+        except NotFound:
+            await self.stop_vm(vm.id, f"flavor {vm.flavor} no longer exists", (BOOTING,))
+            return
+        if self.work.get(BOOT, vm.id) is None:
             self.start_boot(vm, flavor, adopted=True)
 
     # --- claims ---------------------------------------------------------------------------------------------
     async def claim(self, flavor_name: str, wait: bool) -> tuple[VM, str]:
         started = time.monotonic()
-        metrics = self.rt.metrics
-        vm, flavor = await asyncio.to_thread(self.rt.inv.claim, flavor_name)
+        metrics = self.metrics
+        vm, flavor = await asyncio.to_thread(self.inventory.claim, flavor_name)
         if vm is not None:
-            self.rt.launcher.foreground(vm)
+            self.launcher.foreground(vm)
             self.wake(after_s=0.02)  # refill, once the burst this claim may be part of is served
             metrics.claims.labels(flavor_name, "hit").inc()
             metrics.claim.labels(flavor_name, "hit").observe(time.monotonic() - started)
@@ -345,7 +356,7 @@ class PoolManager:
         health = self.health[flavor_name]
         if not wait:
             metrics.claims.labels(flavor_name, "miss").inc()
-            booting = (await asyncio.to_thread(self.rt.inv.pool_counts)).get(flavor_name, Counter())[BOOTING]
+            booting = (await asyncio.to_thread(self.inventory.pool_counts)).get(flavor_name, Counter())[BOOTING]
             raise Unavailable(f"pool {flavor_name} has no ready VM ({booting} booting): retry after Retry-After "
                               "seconds, or claim with \"wait\": true to cold-boot one", self.retry_after(flavor_name),
                               slug="pool-empty")
@@ -355,8 +366,8 @@ class PoolManager:
                               f"PUT/PATCH /v1/flavors/{flavor_name} or retry later", self.retry_after(flavor_name),
                               slug="flavor-degraded")
         try:  # a clone if the template is ready (the claimant waits less), else a cold boot
-            vm = await asyncio.to_thread(self.rt.inv.new_vm, flavor, pooled=False,
-                                         template=self.rt.templates.plan(flavor)[0])
+            vm = await asyncio.to_thread(self.inventory.new_vm, flavor, pooled=False,
+                                         template=self.templates.plan(flavor)[0])
         except QuotaExceeded:
             metrics.claims.labels(flavor_name, "error").inc()
             raise
@@ -370,7 +381,7 @@ class PoolManager:
             raise
         if final is None or final.state != CLAIMED:
             metrics.claims.labels(flavor_name, "error").inc()
-            current = await asyncio.to_thread(self.rt.inv.get, vm.id)
+            current = await asyncio.to_thread(self.inventory.get, vm.id)
             why = current.failure_reason or f"it is {current.state}"
             raise Unavailable(f"cold boot of {vm.id} ({flavor_name}) failed: {why}; see GET /v1/vms/{vm.id}/events "
                               "and /console", self.retry_after(flavor_name), slug="boot-failed")

@@ -31,14 +31,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hypervisor.client import VmmClient, VmmError, VmmUnavailable
+from service.core.config import Settings
 from service.models import CLAIMED, VM
 from service.services.errors import Conflict, Forbidden, Invalid, TooLarge, VmmFailed
-from service.services.vmm import LaunchError, blocking, client_module
+from service.services.inventory import Inventory
+from service.services.work import blocking
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-    from service.services.runtime import Runtime
 
 log = logging.getLogger("pclited")
 IMAGE_NAME = "rootfs.ext4"
@@ -479,8 +480,8 @@ class Untar:
 
 
 class RootfsService:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, settings: Settings, inventory: Inventory) -> None:
+        self.settings, self.inventory = settings, inventory
         self._busy: set[str] = set()  # VMs whose rootfs is being attached: a second request is a conflict
         self._tasks: set[asyncio.Task] = set()  # work done after the answer (the event log line)
 
@@ -497,13 +498,13 @@ class RootfsService:
         task.add_done_callback(done)
 
     def _within_quota(self, size_mib: int | None) -> None:
-        max_mib = self.rt.settings.rootfs_max_bytes >> 20
+        max_mib = self.settings.rootfs_max_bytes >> 20
         if size_mib is not None and size_mib > max_mib:
             raise TooLarge(f"size_mib={size_mib} is over this pclited's rootfs quota of {max_mib} MiB "
                            "(rootfs_max_bytes): ask for less, or leave size_mib out")
 
     async def _claimed(self, vm_id: str) -> VM:
-        vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
+        vm = await asyncio.to_thread(self.inventory.get, vm_id)
         if vm.state != CLAIMED:
             raise Conflict(f"VM {vm_id} is {vm.state}: a rootfs goes only into a claimed VM (claim one with "
                            "POST /v1/vms)")
@@ -516,7 +517,7 @@ class RootfsService:
                           mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
         """mounts, hostname: what the container needs besides its rootfs, done with it (one trip to the VMM)."""
         self._within_quota(size_mib)
-        fd = open_beneath(self.rt.settings.rootfs_path_roots, path)  # refused before anything is built or cached
+        fd = open_beneath(self.settings.rootfs_path_roots, path)  # refused before anything is built or cached
         try:
             vm = await self._claimed(vm_id)
             self._busy.add(vm_id)
@@ -536,7 +537,7 @@ class RootfsService:
         unpack = Path(vm.console_path).parent / UNPACK_DIR
         try:
             started = time.monotonic()
-            received, script = await self._unpack(body, unpack, self.rt.settings.rootfs_max_bytes)
+            received, script = await self._unpack(body, unpack, self.settings.rootfs_max_bytes)
             extra = {"source": "tar", "tar_bytes": received, "unpack_ms": round((time.monotonic() - started) * 1000, 3)}
             return await self._attach(vm, unpack, read_only, size_mib, extra, script=script)
         finally:
@@ -588,8 +589,8 @@ class RootfsService:
                       mounts: list[dict] | None = None, hostname: str | None = None, script: list[str] | None = None,
                       pass_fds: tuple[int, ...] = ()) -> dict:
         image = image_path(vm)
-        built = await blocking(build_image, source, image, size_mib, self.rt.settings.data_dir / "rootfs-cache",
-                               script, self.rt.settings.rootfs_max_bytes, pass_fds)
+        built = await blocking(build_image, source, image, size_mib, self.settings.data_dir / "rootfs-cache",
+                               script, self.settings.rootfs_max_bytes, pass_fds)
         mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
                    "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
 
@@ -601,24 +602,21 @@ class RootfsService:
 
         try:
             started = time.monotonic()
-            await blocking(swap_and_mount, client_module().VmmClient(vm.api_socket, timeout=30.0))
+            await blocking(swap_and_mount, VmmClient(vm.api_socket, timeout=30.0))
             attach_ms = round((time.monotonic() - started) * 1000, 3)
-        except LaunchError as exc:
-            raise VmmFailed(str(exc)) from exc
         except Exception as exc:
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()  # the next attempt (or the VM's deletion) starts clean
-            mod = client_module()
-            if isinstance(exc, mod.VmmUnavailable):
+            if isinstance(exc, VmmUnavailable):
                 raise Conflict(f"VM {vm.id}'s VMM is gone ({exc}): delete it and claim another") from exc
-            if isinstance(exc, mod.VmmError):
+            if isinstance(exc, VmmError):
                 what = "the rootfs and the container's mounts" if len(mounts) > 1 or hostname else "the rootfs"
                 raise VmmFailed(f"attaching {what} to {vm.id} failed: {exc}") from exc
             raise
         if built.get("cache_entry"):
             make_spare_in_background(Path(built["cache_entry"]))
         self._after_answer(asyncio.to_thread(
-            self.rt.inv.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
+            self.inventory.event, "vm.rootfs", f"rootfs attached ({built['image_bytes'] >> 20} MiB image, "
             f"{built['files']} files, {'cached' if built['cached'] else 'built'} in {built['build_ms']:.0f} ms)",
             vm.id, vm.flavor))
         return {"vm_id": vm.id, "device": GUEST_DEVICE, "mountpoint": GUEST_MOUNTPOINT, "read_only": read_only,

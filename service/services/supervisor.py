@@ -12,15 +12,15 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from service.core.config import Settings
+from service.metrics import Metrics
 from service.models import BOOTING, CLAIMED, CLONE, FAILED, LIVE_STATES, READY, STOPPED, STOPPING, VM, utcnow
-from service.services.errors import NotFound
-from service.services.vmm import blocking
-
-if TYPE_CHECKING:
-    from service.services.runtime import Runtime
+from service.services.inventory import Inventory
+from service.services.vmm import Launcher
+from service.services.work import BOOT, STOP, Work, blocking
 
 log = logging.getLogger("pclited")
 PRUNE_EVERY_S = 300.0
@@ -30,10 +30,16 @@ CLONE_GRACE_S = 90.0  # a clone that exits 1 this soon after ready failed its re
 
 
 class Supervisor:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.settings = rt.settings
-        self.stops: dict[str, asyncio.Task] = {}
+    """Owns VM deaths and stops: `run` notices dead VMMs, `run_health` pings ready VMs, `stop_vm` stops one in the
+    background (as `work` (STOP, vm id)), `reconcile` makes the inventory true after a restart. A VM some task
+    works on (its boot, its stop) is that task's: the supervisor leaves it alone. `wake` is called when a VM leaves;
+    `restore_failed(flavor, template, reason, fallback=False)` when a young clone dies refusing its identity."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, launcher: Launcher, metrics: Metrics, work: Work,
+                 wake: Callable[[], None], restore_failed: Callable[..., Awaitable[None]]) -> None:
+        self.settings = settings
+        self.inventory, self.launcher, self.metrics, self.work, self.wake = inventory, launcher, metrics, work, wake
+        self.restore_failed = restore_failed
         self.ping_failures: dict[str, int] = {}
 
     # --- loops ----------------------------------------------------------------------------------------------
@@ -66,62 +72,54 @@ class Supervisor:
 
     # --- process deaths -------------------------------------------------------------------------------------
     async def check_processes(self) -> None:
-        live = await asyncio.to_thread(self.rt.inv.live_brief)
-        self.rt.launcher.reap({vm.id for vm in live})
+        live = await asyncio.to_thread(self.inventory.live_brief)
+        self.launcher.reap({vm.id for vm in live})
         for vm in live:
-            if vm.id in self.rt.pool.boots or vm.id in self.stops:
+            if self.work.get(BOOT, vm.id) or self.work.get(STOP, vm.id):
                 continue  # that task owns the VM
             if vm.state == BOOTING:
                 # Its boot task may just not be registered yet; only one long past its timeout is stuck.
                 if (utcnow() - vm.created_at).total_seconds() > self.settings.boot_timeout_s + 30:
                     await self.stop_vm(vm.id, "boot abandoned (no task was waiting for it)", (BOOTING,))
             elif vm.state == STOPPING:
-                self._start_stop(await asyncio.to_thread(self.rt.inv.get, vm.id))
+                self._start_stop(await asyncio.to_thread(self.inventory.get, vm.id))
             else:
-                alive, code = self.rt.launcher.exit_status(vm)
+                alive, code = self.launcher.exit_status(vm)
                 if not alive:
                     await self._died(vm, code)
 
     async def _died(self, vm: VM, code: int | None) -> None:
-        launcher = self.rt.launcher
+        launcher = self.launcher
         if code is None:  # not our child (adopted): the VMM's own exit line in its log may say
             code = launcher.logged_exit_code(vm)
         reason = launcher.describe_exit(vm, code)
         if code == 0:
-            final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (READY, CLAIMED), STOPPED,
+            final = await asyncio.to_thread(self.inventory.transition, vm.id, (READY, CLAIMED), STOPPED,
                                             [("vm.stopped", f"guest powered off ({reason})")],
                                             stopped_at=utcnow(), exit_code=0)
         else:
-            final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (READY, CLAIMED), FAILED,
+            final = await asyncio.to_thread(self.inventory.transition, vm.id, (READY, CLAIMED), FAILED,
                                             [("vm.failed", f"VMM crashed: {reason}")], stopped_at=utcnow(),
                                             exit_code=code, failure_reason=reason)
             if final is not None:
-                self.rt.metrics.vmm_crashes.inc()
+                self.metrics.vmm_crashes.inc()
         if final is not None:
             log.warning("%s (%s): %s", vm.id, vm.flavor, reason)
             young = vm.ready_at is not None and (utcnow() - vm.ready_at).total_seconds() < CLONE_GRACE_S
             if getattr(vm, "source", None) == CLONE and vm.template and code == 1 and young:
                 # The restored guest refused its identity (restore.py fails closed with 1): the template is bad.
-                await self.rt.templates.restore_failed(vm.flavor, vm.template, reason, fallback=False)
+                await self.restore_failed(vm.flavor, vm.template, reason, fallback=False)
             launcher.cleanup(vm)
-            self.rt.metrics.forget_vm(vm.id)
-            self.rt.pool.wake()
-
-    async def _adopt_booting(self, vm: VM) -> None:
-        try:
-            flavor = await asyncio.to_thread(self.rt.flavors.get, vm.flavor)
-        except NotFound:
-            await self.stop_vm(vm.id, f"flavor {vm.flavor} no longer exists", (BOOTING,))
-            return
-        self.rt.pool.adopt_boot(vm, flavor)
+            self.metrics.forget_vm(vm.id)
+            self.wake()
 
     # --- stopping -------------------------------------------------------------------------------------------
     async def stop_vm(self, vm_id: str, reason: str, from_states: tuple[str, ...] = (BOOTING, READY, CLAIMED),
                       kind: str = "vm.stopping") -> VM:
         """Move the VM to stopping (if it is in from_states) and stop its VMM in the background."""
-        vm = await asyncio.to_thread(self.rt.inv.transition, vm_id, from_states, STOPPING, [(kind, reason)])
+        vm = await asyncio.to_thread(self.inventory.transition, vm_id, from_states, STOPPING, [(kind, reason)])
         if vm is None:
-            current = await asyncio.to_thread(self.rt.inv.get, vm_id)
+            current = await asyncio.to_thread(self.inventory.get, vm_id)
             if current.state == STOPPING:
                 self._start_stop(current)
             return current
@@ -129,39 +127,38 @@ class Supervisor:
         return vm
 
     def _start_stop(self, vm: VM) -> None:
-        if vm.id not in self.stops:
-            self.stops[vm.id] = asyncio.create_task(self._stop(vm))
-            self.stops[vm.id].add_done_callback(lambda _t: self.stops.pop(vm.id, None))
+        if self.work.get(STOP, vm.id) is None:
+            self.work.start(STOP, vm.id, self._stop(vm))
 
     async def _stop(self, vm: VM) -> None:
         if os.path.exists(vm.api_socket):
             try:  # last look at its exit counters
-                status = await blocking(lambda: self.rt.launcher.client(vm, timeout=1.0).status())
-                self.rt.metrics.record_exits(vm.id, status.get("exits") or {})
+                status = await blocking(lambda: self.launcher.client(vm, timeout=1.0).status())
+                self.metrics.record_exits(vm.id, status.get("exits") or {})
             except Exception:  # noqa: BLE001 - best effort
                 pass
-        code = await blocking(self.rt.launcher.stop, vm, self.settings.stop_timeout_s)
-        await asyncio.to_thread(self.rt.inv.transition, vm.id, (STOPPING,), STOPPED,
+        code = await blocking(self.launcher.stop, vm, self.settings.stop_timeout_s)
+        await asyncio.to_thread(self.inventory.transition, vm.id, (STOPPING,), STOPPED,
                                 [("vm.stopped", "VMM stopped" + (f" (exit code {code})" if code is not None else ""))],
                                 stopped_at=utcnow(), exit_code=code)
-        self.rt.metrics.forget_vm(vm.id)
+        self.metrics.forget_vm(vm.id)
         self.ping_failures.pop(vm.id, None)
-        self.rt.pool.wake()
+        self.wake()
 
     async def wait_stopped(self, vm_id: str, timeout_s: float) -> None:
-        task = self.stops.get(vm_id)
+        task = self.work.get(STOP, vm_id)
         if task is not None:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
 
     # --- health ---------------------------------------------------------------------------------------------
     async def health_check(self) -> None:
-        live = await asyncio.to_thread(self.rt.inv.live)
+        live = await asyncio.to_thread(self.inventory.live)
         gate = asyncio.Semaphore(8)
-        vms = [vm for vm in live if vm.state in (READY, CLAIMED) and vm.id not in self.stops]
+        vms = [vm for vm in live if vm.state in (READY, CLAIMED) and self.work.get(STOP, vm.id) is None]
         await asyncio.gather(*(self._check_one(vm, gate) for vm in vms))
 
     def _probe(self, vm: VM, ping: bool) -> dict:
-        client = self.rt.launcher.client(vm, timeout=5.0)
+        client = self.launcher.client(vm, timeout=5.0)
         if ping:
             client.ping()
         return client.status()
@@ -177,21 +174,22 @@ class Supervisor:
                 if failures < self.settings.health_failures:
                     return
                 reason = f"health check failed {failures} times in a row: {exc}"
-                final = await asyncio.to_thread(self.rt.inv.transition, vm.id, (READY,), FAILED,
+                final = await asyncio.to_thread(self.inventory.transition, vm.id, (READY,), FAILED,
                                                 [("vm.failed", reason)], failure_reason=reason, stopped_at=utcnow())
                 self.ping_failures.pop(vm.id, None)
                 if final is not None:
-                    await blocking(self.rt.launcher.stop, final, 1.0)
-                    self.rt.pool.wake()
+                    await blocking(self.launcher.stop, final, 1.0)
+                    self.wake()
                 return
             self.ping_failures.pop(vm.id, None)
-            self.rt.metrics.record_exits(vm.id, status.get("exits") or {})
+            self.metrics.record_exits(vm.id, status.get("exits") or {})
 
     # --- restart --------------------------------------------------------------------------------------------
-    async def reconcile(self) -> dict[str, int]:
-        """Make the inventory true again after a restart: adopt live VMMs, close the books on dead ones, kill
-        VMMs in our run dir that no live VM owns, remove stale sockets. Runs before the API and pools start."""
-        launcher, inv = self.rt.launcher, self.rt.inv
+    async def reconcile(self, adopt_boot: Callable[[VM], Awaitable[None]]) -> dict[str, int]:
+        """Make the inventory true again after a restart: adopt live VMMs (a booting one is handed to adopt_boot,
+        which waits for its agent), close the books on dead ones, kill VMMs in our run dir that no live VM owns,
+        remove stale sockets. Runs before the API and pools start."""
+        launcher, inv = self.launcher, self.inventory
         running = await blocking(launcher.scan)
         summary = {"adopted": 0, "failed": 0, "stopped": 0, "orphans_killed": 0}
         owned: set[str] = set()
@@ -208,7 +206,7 @@ class Supervisor:
             await asyncio.to_thread(inv.event, "vm.adopted", f"adopted VMM pid {pid} ({vm.state}) after a restart",
                                     vm.id, vm.flavor)
             if vm.state == BOOTING:
-                await self._adopt_booting(vm)
+                await adopt_boot(vm)
             elif vm.state == STOPPING:
                 self._start_stop(vm)
         for socket_path, pid in running.items():  # nobody's VMM: no orphan survives a restart
@@ -227,7 +225,7 @@ class Supervisor:
         return summary
 
     async def _gone_while_down(self, vm: VM, summary: dict[str, int]) -> None:
-        launcher, inv = self.rt.launcher, self.rt.inv
+        launcher, inv = self.launcher, self.inventory
         code = launcher.logged_exit_code(vm)
         if vm.state == STOPPING or (code == 0 and vm.state != BOOTING):
             await asyncio.to_thread(inv.transition, vm.id, LIVE_STATES, STOPPED,
@@ -238,24 +236,24 @@ class Supervisor:
             reason = f"VMM gone while pclited was not running ({launcher.describe_exit(vm, code)})"
             await asyncio.to_thread(inv.transition, vm.id, LIVE_STATES, FAILED, [("vm.failed", reason)],
                                     stopped_at=utcnow(), exit_code=code, failure_reason=reason)
-            self.rt.metrics.vmm_crashes.inc()
+            self.metrics.vmm_crashes.inc()
             summary["failed"] += 1
         launcher.cleanup(vm)
 
     async def sweep_orphans(self) -> None:
         """A VMM in our run dir whose VM is no longer live has no owner: stop it (a safety net; every VM row is
         written before its VMM starts, so a live VMM without a live row is a leak)."""
-        running = await blocking(self.rt.launcher.scan)
+        running = await blocking(self.launcher.scan)
         if not running:
             return
-        owned = {vm.api_socket for vm in await asyncio.to_thread(self.rt.inv.live_brief)}
+        owned = {vm.api_socket for vm in await asyncio.to_thread(self.inventory.live_brief)}
         for socket_path, pid in running.items():
             if socket_path not in owned:
                 log.warning("stopping VMM pid %d: its VM is no longer live (%s)", pid, socket_path)
-                await blocking(self.rt.launcher.kill_orphan, pid, socket_path)
+                await blocking(self.launcher.kill_orphan, pid, socket_path)
 
     async def prune(self) -> None:
-        old = await asyncio.to_thread(self.rt.inv.prune, self.settings.terminal_retention_s)
+        old = await asyncio.to_thread(self.inventory.prune, self.settings.terminal_retention_s)
         for vm in old:
             vm_dir = Path(vm.console_path).parent
             if vm_dir.parent == self.settings.vm_dir:

@@ -21,17 +21,20 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
-from service.models import Flavor
-from service.services.vmm import BASE_CMDLINE, LaunchError, blocking, boot_phases, scan_vmms, vmm_errors
-
-if TYPE_CHECKING:
-    from service.services.runtime import Runtime
+from service.core.config import Settings
+from service.metrics import Metrics
+from service.models import TEMPLATE_STATES, Flavor
+from service.services.inventory import Inventory
+from service.services.procfs import scan_vmms
+from service.services.timeline import boot_phases
+from service.services.vmm import BASE_CMDLINE, VMM_ERRORS, Launcher, LaunchError
+from service.services.work import TEMPLATE, Work, blocking
 
 log = logging.getLogger("pclited")
 SOCKET_DIR = "tpl"  # under run_dir; scan_vmms only looks at run_dir's own entries, so no pool VM is confused
@@ -39,15 +42,12 @@ BUILD_PREFIX = ".build-"  # a build in progress; such a directory found at start
 GC_EVERY_S = 5.0
 SNAPSHOT_TIMEOUT_S = 300.0  # writing guest RAM (holes skipped) over a slow disk
 SNAPSHOT_TRIES = 3
-PENDING, BUILDING, READY, FAILED, DISABLED = "pending", "building", "ready", "failed", "disabled"
-STATES = (DISABLED, PENDING, BUILDING, READY, FAILED)
+STATES = TEMPLATE_STATES
+DISABLED, PENDING, BUILDING, READY, FAILED = STATES
 
 
 def snapshot_version() -> int:
-    try:
-        from hypervisor.snapshot import VERSION
-    except ImportError:
-        return 0
+    from hypervisor.snapshot import VERSION  # here: it loads the KVM structures, which pclited needs for nothing else
     return VERSION
 
 
@@ -108,11 +108,16 @@ class Template:
 
 
 class TemplateManager:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.settings = rt.settings
-        self.dir = rt.settings.templates_dir
-        self.socket_dir = rt.settings.run_dir / SOCKET_DIR
+    """Per clone flavor, the template's state and its build. The pool asks `plan` (clone, wait or cold-boot) and
+    calls `tick` each round; `restore_failed` invalidates a template. Builds run as `work` (TEMPLATE, flavor name);
+    `wake` is called when a template becomes ready or may be retried."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, launcher: Launcher, metrics: Metrics, work: Work,
+                 wake: Callable[[], None]) -> None:
+        self.settings = settings
+        self.inventory, self.launcher, self.metrics, self.work, self.wake = inventory, launcher, metrics, work, wake
+        self.dir = settings.templates_dir
+        self.socket_dir = settings.run_dir / SOCKET_DIR
         self.templates: dict[str, Template] = {}
         self._last_gc = 0.0
 
@@ -122,7 +127,7 @@ class TemplateManager:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for socket_path, pid in scan_vmms(self.socket_dir).items():
             log.warning("killing template VMM pid %d left by a previous pclited (%s)", pid, socket_path)
-            self.rt.launcher.kill_orphan(pid, socket_path)
+            self.launcher.kill_orphan(pid, socket_path)
         for entry in self.dir.iterdir():
             if entry.name.startswith("."):
                 shutil.rmtree(entry, ignore_errors=True)
@@ -154,7 +159,7 @@ class TemplateManager:
             template = self.templates.pop(name)
             if template.task is not None:
                 template.task.cancel()
-        self.rt.metrics.set_templates({f.name: self.status(f)["state"] for f in flavors})
+        self.metrics.set_templates({f.name: self.status(f)["state"] for f in flavors})
         if time.monotonic() - self._last_gc >= GC_EVERY_S:
             self._last_gc = time.monotonic()
             await asyncio.to_thread(self.gc, flavors, live_templates)
@@ -182,11 +187,12 @@ class TemplateManager:
         due = template.state == PENDING or (template.state == FAILED and time.monotonic() >= template.backoff_until)
         due = due and flavor.pool_target > 0  # no pool to refill, no template (a claim miss boots cold)
         if due and not busy:
-            if full := await asyncio.to_thread(self.rt.inv.no_room_for, flavor.mem_mib):
+            if full := await asyncio.to_thread(self.inventory.no_room_for, flavor.mem_mib):
                 template.error = f"template build waits for quota: {full}"  # the pool could not boot either
                 return
             template.state, template.started = BUILDING, time.monotonic()
-            template.task = asyncio.create_task(self._build(flavor, template), name=f"template-{flavor.name}")
+            template.task = self.work.start(TEMPLATE, flavor.name, self._build(flavor, template),
+                                            name=f"template-{flavor.name}")
 
     def _replace(self, old: Template, new: Template) -> Template:
         if old.task is not None and old.key != new.key:
@@ -194,18 +200,15 @@ class TemplateManager:
         self.templates[new.flavor] = new
         return new
 
-    def tasks(self) -> list[asyncio.Task]:
-        return [t.task for t in self.templates.values() if t.task is not None and not t.task.done()]
-
     def _spec(self, flavor: Flavor) -> dict:
-        kernel, initrd = self.rt.launcher.boot_files(flavor)
+        kernel, initrd = self.launcher.boot_files(flavor)
         return template_spec(flavor, kernel, initrd)
 
     # --- building -------------------------------------------------------------------------------------------
     async def _build(self, flavor: Flavor, template: Template) -> None:
         name = template.dir_name
         started = time.monotonic()
-        await asyncio.to_thread(self.rt.inv.event, "template.building", f"booting template VM {name} (cold) to "
+        await asyncio.to_thread(self.inventory.event, "template.building", f"booting template VM {name} (cold) to "
                                 "snapshot at agent-ready", None, flavor.name)
         work = self.dir / f"{BUILD_PREFIX}{name}-{secrets.token_hex(3)}"
         vm = SimpleNamespace(id=f"tpl-{name}", pid=None, api_socket=str(self.socket_dir / f"{template.key}.sock"),
@@ -220,31 +223,31 @@ class TemplateManager:
             logs = await asyncio.to_thread(self._keep_logs, work, flavor.name)
             await self._failed(flavor.name, template, f"template build failed: {reason} (its console and VMM logs: "
                                                       f"{logs})")
-            self.rt.metrics.template_builds.labels(flavor.name, "failed").inc()
+            self.metrics.template_builds.labels(flavor.name, "failed").inc()
             return
         finally:
-            await blocking(self.rt.launcher.stop, vm, 1.0)
-            self.rt.launcher.children.pop(vm.id, None)
+            await blocking(self.launcher.stop, vm, 1.0)
+            self.launcher.forget(vm.id)
             await asyncio.to_thread(shutil.rmtree, work, True)
         if self.templates.get(flavor.name) is not template:
             return  # the spec changed while it was built: the garbage collector takes the directory
         template.state, template.error = READY, None
         template.built_at, template.build_ms = datetime.now(UTC), round((time.monotonic() - started) * 1000, 1)
-        self.rt.metrics.template_builds.labels(flavor.name, "ok").inc()
-        self.rt.metrics.template_build.labels(flavor.name).observe(template.build_ms / 1000)
+        self.metrics.template_builds.labels(flavor.name, "ok").inc()
+        self.metrics.template_build.labels(flavor.name).observe(template.build_ms / 1000)
         written = summary.get("memory_written")
-        await asyncio.to_thread(self.rt.inv.event, "template.ready", f"template {name} ready in "
+        await asyncio.to_thread(self.inventory.event, "template.ready", f"template {name} ready in "
                                 f"{template.build_ms / 1000:.1f}s" + (f" ({written >> 20} MiB of guest RAM written)"
                                                                       if isinstance(written, int) else ""),
                                 None, flavor.name)
-        self.rt.pool.wake()
+        self.wake()
 
     async def _boot_and_snapshot(self, flavor: Flavor, vm, work: Path) -> dict:
-        launcher = self.rt.launcher
+        launcher = self.launcher
         spec = launcher.boot_spec(flavor, vm.api_socket, vm.console_path, detach=False)  # dies with pclited
         proc = await blocking(launcher.start_process, spec, work, work / "vmm.log")
         vm.pid = proc.pid
-        launcher.children[vm.id] = proc
+        launcher.watch(vm.id, proc)
         client = launcher.client(vm, timeout=10.0)
         deadline = time.monotonic() + self.settings.boot_timeout_s
         while True:
@@ -256,18 +259,18 @@ class TemplateManager:
                                     " its console log says how far the guest got; raise PCLITE_BOOT_TIMEOUT_S if it "
                                     "was merely slow")
             if os.path.exists(vm.api_socket):
-                with contextlib.suppress(*vmm_errors()):
+                with contextlib.suppress(*VMM_ERRORS):
                     status = await blocking(client.wait_agent_ready, 1.0)
                     break
             await asyncio.sleep(0.02)
         # A cold boot of the flavor like any other: its phases count (clones have no kernel or init phase).
-        self.rt.metrics.observe_boot(flavor.name, boot_phases(status.get("timeline_ms")) or {}, source=None)
+        self.metrics.observe_boot(flavor.name, boot_phases(status.get("timeline_ms")) or {}, source=None)
         # The agent must be idle (the snapshot refuses otherwise) and the vCPUs must pause within 5 s (a starved
         # host may miss it): a few tries before giving up. Not resumed: the template VM stops next.
         for attempt in range(1, SNAPSHOT_TRIES + 1):
             try:
                 return await blocking(client.snapshot, str(work / "snapshot"), False, SNAPSHOT_TIMEOUT_S)
-            except vmm_errors() as exc:
+            except VMM_ERRORS as exc:
                 if attempt == SNAPSHOT_TRIES:
                     raise TemplateError(f"the template VM refused the snapshot {attempt} times, last: {exc}") from None
                 log.warning("template %s: snapshot refused (%s); trying again", vm.id, exc)
@@ -302,17 +305,17 @@ class TemplateManager:
         delay = backoff_s(template.failures, self.settings.template_backoff_s, self.settings.template_backoff_max_s)
         template.backoff_until = time.monotonic() + delay
         log.warning("%s: %s (attempt %d; next in %.0fs)", flavor_name, reason, template.failures, delay)
-        await asyncio.to_thread(self.rt.inv.event, "template.failed", f"{reason}; pool VMs are cold-booted "
+        await asyncio.to_thread(self.inventory.event, "template.failed", f"{reason}; pool VMs are cold-booted "
                                 f"meanwhile; template rebuilt in {delay:.0f}s (failure {template.failures})",
                                 None, flavor_name)
-        asyncio.get_running_loop().call_later(delay, self.rt.pool.wake)
+        asyncio.get_running_loop().call_later(delay, self.wake)
 
     async def restore_failed(self, flavor_name: str, dir_name: str, reason: str, fallback: bool = True) -> None:
         """A clone of `dir_name` did not come up (fallback: it is being cold-booted instead): that template is
         unusable (corrupted, another host, another pclite). Remove it so no other VM tries it; running clones keep
         the memory they mapped."""
         if fallback:
-            self.rt.metrics.clone_fallbacks.labels(flavor_name).inc()
+            self.metrics.clone_fallbacks.labels(flavor_name).inc()
         template = self.templates.get(flavor_name)
         if template is None or template.dir_name != dir_name or template.state != READY:
             return  # an older template, or already invalidated by another clone's failure
@@ -333,6 +336,6 @@ class TemplateManager:
                     continue  # not ours, current, in use, or its flavor's spec cannot be read right now
                 self._discard(entry)
                 removed.append(entry.name)
-                self.rt.inv.event("template.removed", f"removed template {entry.name}: no longer the flavor's "
+                self.inventory.event("template.removed", f"removed template {entry.name}: no longer the flavor's "
                                   "spec and no VM uses it", None, parts[0])
         return removed

@@ -1,24 +1,26 @@
-"""VMM processes: the command line, spawning, finding them again in /proc, stopping them, their exit reasons.
+"""The Launcher: a VM's VMM process — its command line, starting it (fork server or fresh process), watching it,
+its exit reasons, stopping it. Finding VMMs in /proc is procfs.py, their priority priority.py.
 
-Everything here blocks; the async services call it through `blocking()`.
+Everything here blocks; the async services call it through `work.blocking()`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from hypervisor.client import VmmClient, VmmError
 from service.core.config import Settings
-from service.models import CLONE, COLD, VM, Flavor
+from service.models import CLONE, VM, Flavor
+from service.services.priority import can_raise_priority, set_nice
+from service.services.procfs import is_vmm, scan_vmms
 
 log = logging.getLogger("pclited")
 BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=agent"
@@ -31,174 +33,7 @@ class LaunchError(Exception):
     pass
 
 
-async def blocking(fn, *args, **kwargs):
-    """Run fn in a daemon thread: a VMM call stuck in a socket must not hold pclited's exit (to_thread would)."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(ok: bool, value) -> None:
-        if not future.done():
-            (future.set_result if ok else future.set_exception)(value)
-
-    def run() -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            loop.call_soon_threadsafe(settle, False, exc)
-        else:
-            loop.call_soon_threadsafe(settle, True, result)
-
-    threading.Thread(target=run, daemon=True, name=f"pclited-{getattr(fn, '__name__', 'call')}").start()
-    return await future
-
-
-def new_vm_id() -> str:
-    return "vm-" + secrets.token_hex(6)
-
-
-def client_module():
-    """hypervisor.client, imported on first use (it pulls in the VMM side)."""
-    try:
-        from hypervisor import client
-    except ImportError as exc:
-        raise LaunchError(f"hypervisor.client is not available ({exc})") from exc
-    return client
-
-
-def vmm_errors() -> tuple[type[BaseException], ...]:
-    try:
-        client = client_module()
-    except LaunchError:
-        return (LaunchError, OSError)
-    return (client.VmmError, LaunchError, OSError)
-
-
-def boot_phases(timeline_ms: dict | None, source: str = COLD) -> dict | None:
-    """Per-phase milliseconds from the VMM's timeline (keys appear as reached). A clone loads no kernel: its
-    set-up runs to `restored` (snapshot read, state back) and it has no kernel or init phase."""
-    t = timeline_ms or {}
-
-    def span(start: str, end: str) -> float | None:
-        if isinstance(t.get(start), int | float) and isinstance(t.get(end), int | float):
-            return round(t[end] - t[start], 3)
-        return None
-
-    if source == CLONE:
-        phases = {"vmm_setup": span("process_start", "restored"), "kernel": None, "init_to_agent": None,
-                  "total": span("process_start", "agent_ready")}
-    else:
-        phases = {"vmm_setup": span("process_start", "first_kvm_run"), "kernel": span("first_kvm_run", "init_reached"),
-                  "init_to_agent": span("init_reached", "agent_ready"), "total": span("process_start", "agent_ready")}
-    return phases if any(v is not None for v in phases.values()) else None
-
-
-def proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else None
-
-
-def listening_unix_sockets() -> dict[int, str]:
-    """{socket inode: path} of every bound Unix socket on the host (/proc/net/unix, as `ss -x` reads it)."""
-    table: dict[int, str] = {}
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 8:
-                    table[int(fields[6])] = fields[7]
-    except (OSError, ValueError, StopIteration):
-        pass
-    return table
-
-
-def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
-    """Paths of the Unix sockets process `pid` has bound: how a VMM forked by the fork server (whose cmdline is
-    the server's) is matched to its API socket."""
-    table = listening_unix_sockets() if table is None else table
-    paths = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:[") and int(link[8:-1]) in table:
-                    paths.add(table[int(link[8:-1])])
-    except OSError:
-        pass
-    return paths
-
-
-def _in_dir(path: str, prefix: str) -> bool:
-    """Directly in the directory: VMs' sockets are; the fork server's and template VMs' live in subdirectories."""
-    return path.startswith(prefix) and "/" not in path[len(prefix):]
-
-
-def scan_vmms(run_dir: Path) -> dict[str, int]:
-    """{socket path: pid} of every VMM process (fresh or forked) whose API socket is directly in run_dir."""
-    prefix = str(run_dir) + "/"
-    found: dict[str, int] = {}
-    table = None
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        args = proc_cmdline(int(entry.name))
-        if not args or "hypervisor" not in args:
-            continue
-        if "--api-sock" in args:
-            index = args.index("--api-sock")
-            if index + 1 < len(args) and _in_dir(args[index + 1], prefix):
-                found[args[index + 1]] = int(entry.name)
-        elif "forkserver" in args:  # the server itself, or a VMM it forked: known by its bound socket
-            table = listening_unix_sockets() if table is None else table
-            for path in unix_sockets_of(int(entry.name), table):
-                if _in_dir(path, prefix):
-                    found[path] = int(entry.name)
-    return found
-
-
-def is_vmm(pid: int | None, socket_path: str) -> bool:
-    """Alive and really that VM's VMM: the pid alone could have been reused by now."""
-    if not pid:
-        return False
-    args = proc_cmdline(pid)  # a zombie has an empty cmdline
-    if not args or "hypervisor" not in args:
-        return False
-    return socket_path in args or ("forkserver" in args and socket_path in unix_sockets_of(pid))
-
-
-def can_raise_priority(to_nice: int = 0) -> bool:
-    """Whether this process may lower a nice value back to to_nice (root, CAP_SYS_NICE, or RLIMIT_NICE)."""
-    if os.geteuid() == 0:
-        return True
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/self/status") as f:
-            caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
-        if caps >> 23 & 1:  # CAP_SYS_NICE
-            return True
-    import resource
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return soft == resource.RLIM_INFINITY or 20 - soft <= to_nice  # the lowest nice allowed is 20 - soft
-
-
-def set_nice(pid: int, nice: int) -> bool:
-    """Renice every thread of a process: nice is per thread on Linux (new threads inherit their creator's)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True  # gone: nothing left to renice
-    done = True
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-        except ProcessLookupError:  # that thread ended meanwhile
-            pass
-        except OSError:  # EPERM/EACCES: we may not
-            done = False
-    return done
+VMM_ERRORS = (VmmError, LaunchError, OSError)  # what a call to a VMM's API may raise
 
 
 class Launcher:
@@ -331,6 +166,13 @@ class Launcher:
                         self.base_nice)
 
     # --- watching -------------------------------------------------------------------------------------------
+    def watch(self, vm_id: str, proc) -> None:
+        """Poll (and reap) proc as vm_id's VMM: one started by start_process (spawn does this itself)."""
+        self.children[vm_id] = proc
+
+    def forget(self, vm_id: str) -> None:
+        self.children.pop(vm_id, None)
+
     def exit_status(self, vm: VM) -> tuple[bool, int | None]:
         """(alive, exit code if known). A VMM we started is polled (and reaped); an adopted one is looked up."""
         child = self.children.get(vm.id)
@@ -412,8 +254,8 @@ class Launcher:
         alive, code = self.exit_status(vm)
         if alive:
             asked = False
-            with contextlib.suppress(*vmm_errors()):
-                client_module().VmmClient(vm.api_socket, timeout=min(timeout_s, 2.0)).action("shutdown")
+            with contextlib.suppress(*VMM_ERRORS):
+                VmmClient(vm.api_socket, timeout=min(timeout_s, 2.0)).action("shutdown")
                 asked = True
             # Not asked (no socket yet, or no answer): no point waiting for a shutdown, go to signals.
             gone, code = self.wait_gone(vm, timeout_s if asked else 0.0)
@@ -449,4 +291,4 @@ class Launcher:
             os.unlink(Path(vm.console_path).parent / "rootfs.ext4")
 
     def client(self, vm: VM, timeout: float = 10.0):
-        return client_module().VmmClient(vm.api_socket, timeout=timeout)
+        return VmmClient(vm.api_socket, timeout=timeout)

@@ -8,38 +8,40 @@ import binascii
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING
 
+from hypervisor.client import VmmClient, VmmError, VmmUnavailable
+from service.core.config import Settings
 from service.models import CLAIMED, TERMINAL_STATES, VM, Event
 from service.schemas import MAX_EXEC_STDIN, ExecRequest
 from service.services.errors import Conflict, Invalid, VmmFailed
-from service.services.vmm import LaunchError, blocking, client_module
-
-if TYPE_CHECKING:
-    from service.services.runtime import Runtime
+from service.services.inventory import Inventory
+from service.services.supervisor import Supervisor
+from service.services.work import blocking
 
 EXEC_OUTPUT_CAP = 1 << 20
 MAX_CONSOLE_TAIL = 16 << 20
 
 
 class VmService:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    """One VM's operations for the API; stopping is the supervisor's (`stop_vm`, `wait_stopped`)."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, supervisor: Supervisor) -> None:
+        self.settings, self.inventory, self.supervisor = settings, inventory, supervisor
 
     async def delete(self, vm_id: str, wait: bool = False) -> tuple[VM, bool]:
         """Stop the VM; returns (vm, done): done when it is already stopped/failed (or stopped while waiting)."""
-        vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
+        vm = await asyncio.to_thread(self.inventory.get, vm_id)
         if vm.state in TERMINAL_STATES:
             return vm, True
-        vm = await self.rt.supervisor.stop_vm(vm_id, "deleted through the API")
+        vm = await self.supervisor.stop_vm(vm_id, "deleted through the API")
         if wait:
             with contextlib.suppress(TimeoutError):
-                await self.rt.supervisor.wait_stopped(vm_id, self.rt.settings.stop_timeout_s + 10)
-            vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
+                await self.supervisor.wait_stopped(vm_id, self.settings.stop_timeout_s + 10)
+            vm = await asyncio.to_thread(self.inventory.get, vm_id)
         return vm, vm.state in TERMINAL_STATES
 
     async def exec(self, vm_id: str, req: ExecRequest) -> dict:
-        vm = await asyncio.to_thread(self.rt.inv.get, vm_id)
+        vm = await asyncio.to_thread(self.inventory.get, vm_id)
         if vm.state != CLAIMED:
             raise Conflict(f"VM {vm_id} is {vm.state}: exec runs only in a claimed VM (claim one with POST /v1/vms)")
         stdin = None
@@ -54,20 +56,16 @@ class VmService:
         if not os.path.exists(vm.api_socket):
             raise Conflict(f"VM {vm_id}'s VMM is not running (no control socket); it will be marked failed: "
                            "delete it and claim another")
-        try:
-            client_mod = client_module()
-        except LaunchError as exc:
-            raise VmmFailed(str(exc)) from exc
         # The socket timeout must outlast the command's own timeout.
-        client = client_mod.VmmClient(vm.api_socket, timeout=(req.timeout_s or 86400.0) + 30.0)
+        client = VmmClient(vm.api_socket, timeout=(req.timeout_s or 86400.0) + 30.0)
         started = time.monotonic()
         try:
             result = await blocking(client.exec, req.argv, stdin=stdin, env=req.env, cwd=req.cwd,
                                     timeout_s=req.timeout_s, output_cap=EXEC_OUTPUT_CAP)
-        except client_mod.VmmUnavailable as exc:
+        except VmmUnavailable as exc:
             raise Conflict(f"VM {vm_id}'s VMM is gone ({exc}); it will be marked failed: delete it and claim "
                            "another") from exc
-        except client_mod.VmmError as exc:
+        except VmmError as exc:
             raise VmmFailed(f"exec in {vm_id} failed: {exc}") from exc
         duration = getattr(result, "duration_s", None)
         return {"exit_code": result.exit_code, "signal": result.signal, "timed_out": result.timed_out,
@@ -77,7 +75,7 @@ class VmService:
                 "duration_ms": round((duration if duration is not None else time.monotonic() - started) * 1000, 3)}
 
     def console(self, vm_id: str, tail: int) -> bytes:
-        vm = self.rt.inv.get(vm_id)
+        vm = self.inventory.get(vm_id)
         try:
             with open(vm.console_path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -87,4 +85,4 @@ class VmService:
             return b""
 
     def events(self, vm_id: str) -> list[Event]:
-        return self.rt.inv.events(vm_id)
+        return self.inventory.events(vm_id)

@@ -194,7 +194,7 @@ class Pclited:
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:
     """{socket: pid} of VMM processes (fresh or forked) whose socket is under run_dir, as pclited finds them."""
-    from service.services.vmm import scan_vmms
+    from service.services.procfs import scan_vmms
     return scan_vmms(run_dir)
 
 

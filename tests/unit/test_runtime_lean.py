@@ -1,5 +1,5 @@
 """What keeps pclite-runtime's starts cheap: the launcher `make venv` installs, JSON without the json package, and
-the modules each command imports. Plus the refill priority pclited gives pool boots (service/services/vmm.py)."""
+the modules each command imports. Plus the refill priority pclited gives pool boots (service/services/priority.py)."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.runtime import jsonlite, launcher
-from service.services import vmm
+from service.services import priority
 
 
 @pytest.mark.parametrize("value", [
@@ -80,7 +80,7 @@ def _priorities(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-@pytest.mark.skipif(not vmm.can_raise_priority(), reason="needs root or CAP_SYS_NICE to renice back to 0")
+@pytest.mark.skipif(not priority.can_raise_priority(), reason="needs root or CAP_SYS_NICE to renice back to 0")
 def test_a_refill_is_reniced_in_every_thread_and_back_when_claimed():
     code = "import threading, time; [threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(3)]; " \
            "print('up', flush=True); time.sleep(30)"
@@ -88,12 +88,12 @@ def test_a_refill_is_reniced_in_every_thread_and_back_when_claimed():
     try:
         assert proc.stdout.readline() == "up\n"
         assert len(os.listdir(f"/proc/{proc.pid}/task")) == 4
-        assert vmm.set_nice(proc.pid, 10) and _priorities(proc.pid) == {10}
-        assert vmm.set_nice(proc.pid, 0) and _priorities(proc.pid) == {0}
+        assert priority.set_nice(proc.pid, 10) and _priorities(proc.pid) == {10}
+        assert priority.set_nice(proc.pid, 0) and _priorities(proc.pid) == {0}
     finally:
         proc.kill()
         proc.wait()
-    assert vmm.set_nice(proc.pid, 5)  # gone: nothing to do
+    assert priority.set_nice(proc.pid, 5)  # gone: nothing to do
 
 
 def test_threads_started_after_a_renice_inherit_it():

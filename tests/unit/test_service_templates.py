@@ -23,7 +23,7 @@ from service.core.db import Database, downgrade, upgrade
 from service.models import VM, Flavor, utcnow
 from service.schemas import FlavorPatch, FlavorSpec
 from service.services import templates as T
-from service.services.runtime import Runtime
+from service.services.node import Node
 from tests.support.servers import Pclited, database_url, short_tmpdir
 
 FAST = {"pool_tick_s": 0.2, "supervise_interval_s": 0.1, "backoff_base_s": 0.4, "backoff_max_s": 1.6,
@@ -78,7 +78,7 @@ def test_template_directory_names_and_backoff():
 
 def test_a_clone_has_no_kernel_phase_and_metrics_label_the_source():
     from service.metrics import Metrics
-    from service.services.vmm import boot_phases
+    from service.services.timeline import boot_phases
     restored = {"process_start": 0.0, "vmm_ready": 40.0, "restored": 90.0, "init_reached": 90.5,
                 "agent_ready": 91.0, "first_kvm_run": 95.0, "api_served": 96.0}  # KVM_RUN starts after ready
     assert boot_phases(restored, "clone") == {"vmm_setup": 90.0, "kernel": None, "init_to_agent": None,
@@ -148,10 +148,10 @@ def test_migration_0002_fills_existing_rows_and_downgrades_keeping_them(backend,
 # --- the template manager, on real objects --------------------------------------------------------------------
 
 @pytest.fixture
-def runtime(workdir):
+def node(workdir):
     settings = Settings(data_dir=workdir / "data", database_url=f"sqlite:///{workdir / 'db.sqlite'}",
                         template_backoff_s=5.0)
-    rt = Runtime(settings)
+    rt = Node(settings)
     upgrade(rt.db)
     settings.templates_dir.mkdir(parents=True)
     yield rt
@@ -163,14 +163,14 @@ def events(rt) -> list[tuple[str, str]]:
         return [(e.kind, e.message) for e in s.execute(text("SELECT kind, message FROM events ORDER BY id"))]
 
 
-def test_plan_waits_for_the_first_template_clones_when_ready_and_falls_back_cold(runtime, workdir):
-    manager, f = runtime.templates, flavor()
+def test_plan_waits_for_the_first_template_clones_when_ready_and_falls_back_cold(node, workdir):
+    manager, f = node.templates, flavor()
     assert manager.plan(f) == (None, None)  # nothing known yet: cold
     template = manager.templates["f"] = T.Template("f", key="0123456789ab")
     assert manager.plan(f) == (None, "waiting for template f-0123456789ab to be built")
     template.state, template.started = T.BUILDING, time.monotonic()
     assert manager.plan(f)[0] is None and manager.plan(f)[1]
-    template.started -= runtime.settings.boot_timeout_s + 1  # a build slower than any boot: stop waiting for it
+    template.started -= node.settings.boot_timeout_s + 1  # a build slower than any boot: stop waiting for it
     assert manager.plan(f) == (None, None)
     template.state = T.READY
     assert manager.plan(f) == ("f-0123456789ab", None)
@@ -180,9 +180,9 @@ def test_plan_waits_for_the_first_template_clones_when_ready_and_falls_back_cold
     assert manager.status(flavor(clone=False)) == {"state": "disabled"}
 
 
-def test_a_failed_restore_invalidates_the_template_once_and_backs_off(runtime):
-    manager = runtime.templates
-    snapshot = runtime.settings.templates_dir / "f-0123456789ab"
+def test_a_failed_restore_invalidates_the_template_once_and_backs_off(node):
+    manager = node.templates
+    snapshot = node.settings.templates_dir / "f-0123456789ab"
     snapshot.mkdir()
     (snapshot / "state.json").write_text("{}")
     manager.templates["f"] = T.Template("f", key="0123456789ab", state=T.READY)
@@ -200,17 +200,17 @@ def test_a_failed_restore_invalidates_the_template_once_and_backs_off(runtime):
     assert template.error == "restore from template f-0123456789ab failed: snapshot memory is truncated"
     assert 4.5 < template.backoff_until - started < 5.5, "rebuilt after the backoff, not at once"
     assert manager.plan(flavor()) == (None, None), "cold boots meanwhile"
-    assert runtime.metrics.clone_fallbacks.labels("f")._value.get() == 2  # both VMs fell back
-    (kind, message), = [e for e in events(runtime) if e[0] == "template.failed"]
+    assert node.metrics.clone_fallbacks.labels("f")._value.get() == 2  # both VMs fell back
+    (kind, message), = [e for e in events(node) if e[0] == "template.failed"]
     assert "truncated" in message and "cold-booted" in message and "rebuilt in 5s" in message
 
 
-def test_a_template_build_waits_for_quota_room(runtime, workdir):
-    manager = runtime.templates
-    runtime.settings.max_guest_mem_mib = 200
+def test_a_template_build_waits_for_quota_room(node, workdir):
+    manager = node.templates
+    node.settings.max_guest_mem_mib = 200
     kernel, initrd = files(workdir)
     f = flavor(mem_mib=128, kernel=kernel, initrd=initrd)
-    with runtime.db.write() as s:
+    with node.db.write() as s:
         s.add(VM(id="vm-000000000001", flavor="f", flavor_generation=1, pooled=True, state="claimed", vcpus=1,
                  mem_mib=128, api_socket="/s", console_path="/c", created_at=utcnow()))
     asyncio.run(manager._observe(f))
@@ -218,24 +218,24 @@ def test_a_template_build_waits_for_quota_room(runtime, workdir):
     assert template.state == T.PENDING and template.task is None, "no template VM beyond the quota"
     assert template.error == ("template build waits for quota: 128 MiB of guest memory in use + 128 MiB > max "
                               "200 MiB (PCLITE_MAX_GUEST_MEM_MIB)")
-    runtime.settings.max_guest_mem_mib = 16384
-    assert runtime.inv.no_room_for(128) is None
+    node.settings.max_guest_mem_mib = 16384
+    assert node.inventory.no_room_for(128) is None
 
 
-def test_gc_keeps_current_and_used_templates_and_removes_the_rest(runtime):
-    root = runtime.settings.templates_dir
+def test_gc_keeps_current_and_used_templates_and_removes_the_rest(node):
+    root = node.settings.templates_dir
     for name in ("f-000000000001", "f-000000000002", "f-000000000003", "g-000000000004", "h-000000000005",
                  "not-a-template"):
         (root / name).mkdir()
         (root / name / "memory").write_bytes(b"x")
-    runtime.templates.templates["f"] = T.Template("f", key="000000000002", state=T.READY)
-    runtime.templates.templates["h"] = T.Template("h", state=T.FAILED)  # its spec cannot be read right now
+    node.templates.templates["f"] = T.Template("f", key="000000000002", state=T.READY)
+    node.templates.templates["h"] = T.Template("h", state=T.FAILED)  # its spec cannot be read right now
     flavors = [flavor(), flavor(name="h")]
-    removed = runtime.templates.gc(flavors, live_templates={"f-000000000003"})
+    removed = node.templates.gc(flavors, live_templates={"f-000000000003"})
     assert sorted(removed) == ["f-000000000001", "g-000000000004"]
     assert sorted(p.name for p in root.iterdir()) == ["f-000000000002", "f-000000000003", "h-000000000005",
                                                       "not-a-template"]
-    assert [k for k, _ in events(runtime)] == ["template.removed", "template.removed"]
+    assert [k for k, _ in events(node)] == ["template.removed", "template.removed"]
 
 
 def test_a_clone_keeps_its_memory_when_the_template_file_is_deleted(workdir):
@@ -314,7 +314,7 @@ def test_template_vmms_are_not_taken_for_pool_vmms(workdir):
     import subprocess
     import sys
 
-    from service.services.vmm import scan_vmms
+    from service.services.procfs import scan_vmms
     run_dir = workdir / "run"
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hypervisor", "run",
                                "--api-sock", str(path)], start_new_session=True)

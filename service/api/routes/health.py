@@ -5,7 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import V1, RuntimeDep
+from service.api.deps import V1, NodeDep
 from service.api.errors import problem
 from service.metrics import CONTENT_TYPE
 from service.schemas import VersionOut
@@ -26,16 +26,16 @@ async def healthz():
 
 
 @router.get("/readyz")
-async def readyz(rt: RuntimeDep):
-    why = await asyncio.to_thread(rt.healthy)
+async def readyz(node: NodeDep):
+    why = await asyncio.to_thread(node.healthy)
     if why:
         return problem(503, f"not ready: {why}", "not-ready")
     return {"status": "ready"}
 
 
 @router.get("/metrics")
-async def metrics(rt: RuntimeDep):
-    return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(node: NodeDep):
+    return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/version", response_model=VersionOut, dependencies=V1)

@@ -1,4 +1,13 @@
-"""Everything one pclited runs, wired together: started and stopped by the app's lifespan."""
+"""pclited's composition root: the one place its services are built and wired together, started and stopped by the
+app's lifespan. Each service gets only the collaborators it uses; in-flight work (boots, stops, template builds) is
+owned by one `Work`, which shutdown drains.
+
+    Inventory, FlavorService    the database                    Launcher    VMM processes
+    TemplateManager             → inventory, launcher, metrics, work, wake
+    Supervisor                  → inventory, launcher, metrics, work, wake, templates.restore_failed
+    PoolManager                 → inventory, flavors, launcher, metrics, work, wake, templates, supervisor.stop_vm
+    VmService, RootfsService    → inventory (+ the supervisor, to stop a VM)
+"""
 
 from __future__ import annotations
 
@@ -16,43 +25,49 @@ from service.services.supervisor import Supervisor
 from service.services.templates import TemplateManager
 from service.services.vmm import Launcher
 from service.services.vms import VmService
+from service.services.work import Wakeup, Work
 
 log = logging.getLogger("pclited")
 
 
-class Runtime:
+class Node:
+    """Everything one pclited runs on this host."""
+
     def __init__(self, settings: Settings, db: Database | None = None) -> None:
         self.settings = settings
         self.db = db or Database(settings.database_url)
         self.metrics = Metrics()
-        self.inv = Inventory(self.db, settings)
+        self.inventory = Inventory(self.db, settings)
         self.flavors = FlavorService(self.db, settings)
         self.launcher = Launcher(settings)
-        self.pool = PoolManager(self)
-        self.templates = TemplateManager(self)
-        self.supervisor = Supervisor(self)
-        self.vms = VmService(self)
-        self.rootfs = RootfsService(self)
+        self.work = Work()
+        self.wake = Wakeup()  # rung by anyone who frees room or a VM; the pool loop waits on it
+        self.templates = TemplateManager(settings, self.inventory, self.launcher, self.metrics, self.work, self.wake)
+        self.supervisor = Supervisor(settings, self.inventory, self.launcher, self.metrics, self.work, self.wake,
+                                     restore_failed=self.templates.restore_failed)
+        self.pool = PoolManager(settings, self.inventory, self.flavors, self.launcher, self.metrics, self.work,
+                                self.wake, templates=self.templates, stop_vm=self.supervisor.stop_vm)
+        self.vms = VmService(settings, self.inventory, self.supervisor)
+        self.rootfs = RootfsService(settings, self.inventory)
         self.ready = False
-        self._tasks: list[asyncio.Task] = []
+        self._loops: list[asyncio.Task] = []
 
     async def start(self) -> None:
         for path in (self.settings.run_dir, self.settings.vm_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.supervisor.reconcile()
+        await self.supervisor.reconcile(adopt_boot=self.pool.adopt_boot)
         await asyncio.to_thread(self.templates.start)
-        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+        self._loops = [asyncio.create_task(coro, name=name) for name, coro in (
             ("pool", self.pool.run()), ("supervisor", self.supervisor.run()), ("health", self.supervisor.run_health()))]
         self.ready = True
 
     async def stop(self) -> None:
         """Stop pclited's own tasks. VMMs keep running (detached) and are adopted by the next start."""
         self.ready = False
-        tasks = (self._tasks + list(self.pool.boots.values()) + list(self.supervisor.stops.values())
-                 + self.templates.tasks())
-        for task in tasks:
+        for task in self._loops:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.work.drain()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self.launcher.close()  # the fork server; the VMMs it forked keep running
         self.db.dispose()
 
@@ -60,7 +75,7 @@ class Runtime:
         """None when ready to serve, else why not."""
         if not self.ready:
             return "starting up (reconciling the inventory)"
-        for task in self._tasks:
+        for task in self._loops:
             if task.done():
                 return f"the {task.get_name()} loop has stopped"
         try:
