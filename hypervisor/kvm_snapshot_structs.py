@@ -1,7 +1,7 @@
 """KVM structs only snapshot/restore needs (irqchip, PIT, clock, XSAVE, XCRs, vCPU events, MP state, debug regs).
 
 Kept out of ``kvm_structs`` so booting a VM does not build them (ctypes classes cost ~6 ms of VMM start-up in the
-lab); ``kvm_structs`` hands them out on first attribute access, so ``kvm_structs.kvm_irqchip`` still works.
+lab).
 Sizes are asserted against the kernel ABI in ``tests/unit/test_kvm_bindings.py``.
 """
 

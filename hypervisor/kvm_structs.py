@@ -543,17 +543,3 @@ class CpuidEntry:
         out.function, out.index, out.flags = self.function, self.index, self.flags
         out.eax, out.ebx, out.ecx, out.edx = self.eax, self.ebx, self.ecx, self.edx
         return out
-
-
-_SNAPSHOT_STRUCTS = frozenset({
-    "kvm_xcr", "kvm_xcrs", "kvm_xsave", "kvm_vcpu_events", "kvm_mp_state", "kvm_debugregs", "kvm_pic_state",
-    "kvm_ioapic_state", "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
-    "KVM_MAX_XCRS", "KVM_IOAPIC_NUM_PINS",
-})
-
-
-def __getattr__(name: str):
-    if name in _SNAPSHOT_STRUCTS:
-        from hypervisor import kvm_snapshot_structs
-        return getattr(kvm_snapshot_structs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.1 s of VMM start-up in the lab)
-if TYPE_CHECKING:
-    from hypervisor.virtio.mmio import MmioTransport
+if TYPE_CHECKING:  # the transport (virtio/mmio.py) imports this module: devices sit below it, untyped
     from hypervisor.virtio.queue import Virtqueue
 
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -24,7 +23,7 @@ class VirtioDevice:
     queue_max_size = 256
 
     def __init__(self) -> None:
-        self.transport: MmioTransport | None = None
+        self.transport = None  # the MmioTransport that attached this device
         self.acked_features = 0
 
     @property
@@ -32,7 +31,7 @@ class VirtioDevice:
         """Device-specific feature bits; the transport adds VERSION_1 and the ring features."""
         return 0
 
-    def attach(self, transport: MmioTransport) -> None:
+    def attach(self, transport) -> None:
         if self.transport is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached to a transport")
         self.transport = transport

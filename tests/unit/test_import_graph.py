@@ -17,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("service", "hypervisor")
 # Cycles in other streams' files (issue 17), fixed there: each entry's test below is xfail(strict=True) and starts
 # to XPASS once the cycle is gone, which fails it: then delete the entry.
-EXTERNAL: dict[frozenset[str], str] = {
-    frozenset({"service.runtime.main", "service.runtime.commands", "service.runtime.light"}): "B2-runtime",
-    frozenset({"hypervisor.__main__", "hypervisor.forkserver"}): "C-builder",
-    # Not in any stream's files (nearest: B2's kvm leftovers and C's snapshot; D's and B2's virtio work).
-    frozenset({"hypervisor.kvm_structs", "hypervisor.kvm_snapshot_structs"}): "unassigned-kvm-structs",
-    frozenset({"hypervisor.virtio.device", "hypervisor.virtio.mmio"}): "unassigned-virtio",
-}
+EXTERNAL: dict[frozenset[str], str] = {}
 
 
 def module_files() -> dict[str, Path]:

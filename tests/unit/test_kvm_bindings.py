@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from hypervisor import kvm_snapshot_structs as kss
 from hypervisor import kvm_structs as ks
 from hypervisor.cpuid import normalize_cpuid
 from hypervisor.kvm import (
@@ -87,7 +88,7 @@ ABI_SIZES = {
 
 @pytest.mark.parametrize("name,size", sorted(ABI_SIZES.items()))
 def test_struct_sizes_match_kernel_abi(name, size):
-    assert ctypes.sizeof(getattr(ks, name)) == size
+    assert ctypes.sizeof(getattr(ks, name, None) or getattr(kss, name)) == size
 
 
 def test_kvm_run_layout():
@@ -100,9 +101,9 @@ def test_kvm_run_layout():
     assert ks.kvm_run_system_event.data.offset == 8 and ks.kvm_run_system_event.flags.offset == 8
     assert ks.kvm_run_internal.data.offset == 8
     assert ks.kvm_run_fail_entry.cpu.offset == 8
-    assert ks.kvm_vcpu_events.exception_has_payload.offset == 55
-    assert ks.kvm_vcpu_events.triple_fault.offset == 28
-    assert ks.kvm_clock_data.realtime.offset == 16 and ks.kvm_clock_data.host_tsc.offset == 24
+    assert kss.kvm_vcpu_events.exception_has_payload.offset == 55
+    assert kss.kvm_vcpu_events.triple_fault.offset == 28
+    assert kss.kvm_clock_data.realtime.offset == 16 and kss.kvm_clock_data.host_tsc.offset == 24
 
 
 def test_variable_length_structs():

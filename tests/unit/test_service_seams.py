@@ -15,6 +15,7 @@ from typing import get_args
 
 import pytest
 
+from hypervisor.runspec import RunSpec
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.models import BOOTING, CLONE, COLD, FAILED, LIVE_STATES, READY, TEMPLATE_STATES, utcnow
@@ -146,12 +147,12 @@ class FakeLauncher:
         initrd.write_bytes(b"initrd")
         return str(kernel), str(initrd)
 
-    def boot_args(self, flavor, api_socket, console_path, detach) -> list[str]:
-        return ["run", "--api-sock", api_socket]
+    def boot_spec(self, flavor, api_socket, console_path, detach):
+        return RunSpec("run", kernel="/k", api_sock=api_socket, console=console_path, detach=detach)
 
-    def start_process(self, args, api_socket, cwd, log_path):
-        self.spawned.append(api_socket)
-        return self._started(api_socket)
+    def start_process(self, spec, cwd, log_path):
+        self.spawned.append(spec.api_sock)
+        return self._started(spec.api_sock)
 
     def exit_status(self, vm) -> tuple[bool, int | None]:
         return (False, self.dead[vm.id]) if vm.id in self.dead else (True, None)
