@@ -16,7 +16,7 @@ from service.runtime.main import (
     signal_number,
 )
 from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
-from service.runtime.wire import Pclited, Vmm, WireError
+from service.runtime.transport import Pclited, Vmm, WireError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -61,7 +61,7 @@ def cmd_delete(root: str, opts: dict, positional: list[str], log: Log) -> int:
         remove_tree(c.dir)
         log.info(f"delete {c.id}: VM {state['vm_id']} was released when its process ended")
         return 0
-    from service.runtime.wire import Pclited, Unreachable, WireError
+    from service.runtime.transport import Pclited, Unreachable, WireError
     started = time.monotonic()
     try:
         Pclited(state.get("server")).release(state["vm_id"])
