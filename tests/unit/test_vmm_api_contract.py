@@ -296,3 +296,16 @@ def test_only_a_socket_is_replaced_at_a_socket_path(tmp_path):
         path.write_text("put here since")  # close() removes its own socket only
         server.close()
     assert path.read_text() == "put here since"
+
+
+def test_the_vmm_refuses_an_api_socket_path_held_by_another_file(tmp_path):
+    import subprocess
+    import sys
+    kernel, held = tmp_path / "kernel", tmp_path / "api.sock"
+    kernel.write_bytes(bytes(8192))
+    held.write_text("keep")
+    done = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--kernel", str(kernel), "--mem", "64",
+                           "--api-sock", str(held)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and held.read_text() == "keep"
+    assert done.stderr.strip().splitlines() == [f"pclite: error: {held} exists and is not a socket: refusing to "
+                                                f"replace it; remove it or pick another socket path"]
