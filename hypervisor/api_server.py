@@ -65,7 +65,7 @@ def listen_unix(path: str, backlog: int = 64) -> socket.socket:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # process-wide for the bind only: a file another thread makes meanwhile is 0600 too
         try:
             sock.bind(path)
         finally:
