@@ -2,6 +2,7 @@
 
 Hand-rolled on purpose: http.server pulls in email/html/mimetypes (~0.1 s of start-up in the lab) and we need
 only JSON requests with Content-Length, plain responses, and chunked streaming. One thread per connection.
+The limits, the error body and the Content-Length rule are hypervisor/vmm_api.py's.
 """
 
 from __future__ import annotations
@@ -9,22 +10,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 
-MAX_HEADER_BYTES = 16 << 10
-MAX_BODY_BYTES = 64 << 20  # exec stdin is sent inline (base64): room for ~48 MiB of it
+from hypervisor.vmm_api import MAX_HEADER_BYTES, ApiError, check_content_length, error_body
+
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            504: "Gateway Timeout"}
-
-
-class HttpError(Exception):
-    """Raised by a handler: becomes a JSON {"error": message} response with this status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Request:
@@ -37,9 +31,9 @@ class Request:
         try:
             value = json.loads(self.body)
         except ValueError as exc:
-            raise HttpError(400, f"request body is not valid JSON ({exc})") from None
+            raise ApiError(400, f"request body is not valid JSON ({exc})") from None
         if not isinstance(value, dict):
-            raise HttpError(400, "request body must be a JSON object")
+            raise ApiError(400, "request body must be a JSON object")
         return value
 
 
@@ -58,16 +52,47 @@ def _parse_query(raw: str) -> dict[str, str]:
     return dict(parse_qsl(raw, keep_blank_values=True))
 
 
+def listen_unix(path: str, backlog: int = 64) -> socket.socket:
+    """A listening Unix socket at path, mode 0600 from its creation (bound under umask 077: no window in which
+    another user could connect). What sits at path already is replaced only if it is a socket (a stale one from a
+    dead process; callers refuse a live one first): anything else is refused with OSError, untouched."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket: refusing to replace it; remove it or pick another "
+                          f"socket path")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)  # process-wide for the bind only: a file another thread makes meanwhile is 0600 too
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(backlog)  # at once: a client may connect as soon as the path exists (restore: = ready)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def unlink_socket(path: str, inode: int | None = None) -> None:
+    """Remove path if it is a socket (that inode, when given): never another file put there since."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and inode in (None, st.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class ApiServer:
     def __init__(self, path: str, handler: Handler):
         self.path = path
         self.handler = handler
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a dead VMM; a live one would have been refused by the caller
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(64)  # at once: a client may connect as soon as the path exists (restore: = ready)
-        os.chmod(path, 0o600)
+        self.sock = listen_unix(path)
+        self._inode = os.lstat(path).st_ino
         self._closed = False
 
     def serve_in_background(self) -> None:
@@ -78,10 +103,7 @@ class ApiServer:
         try:
             self.sock.close()
         finally:
-            try:  # noqa: SIM105 - contextlib is not otherwise imported before the VM boots
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            unlink_socket(self.path, self._inode)
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -107,7 +129,7 @@ class ApiServer:
         try:
             method, target, version = line.decode("latin-1").split()
         except ValueError:
-            self._send(conn, Response(400, {"error": "malformed HTTP request line"}), keep_alive=False)
+            self._send(conn, Response(400, error_body("malformed HTTP request line")), keep_alive=False)
             return False
         headers, size = {}, len(line)
         while True:
@@ -116,29 +138,27 @@ class ApiServer:
             if header in (b"\r\n", b"\n", b""):
                 break
             if size > MAX_HEADER_BYTES:
-                self._send(conn, Response(413, {"error": "request headers too large"}), keep_alive=False)
+                self._send(conn, Response(413, error_body("request headers too large")), keep_alive=False)
                 return False
             name, _, value = header.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length" and headers.get(name, value) != value:
+                value = "two different values"  # refused below: which one frames the body is ambiguous
+            headers[name] = value
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            self._send(conn, Response(400, {"error": "bad Content-Length"}), keep_alive=False)
-            return False
-        if length > MAX_BODY_BYTES:
-            self._send(conn, Response(413, {"error": f"request body of {length} bytes is over the "
-                                                     f"{MAX_BODY_BYTES} byte limit: send less per request"}),
-                       keep_alive=False)
+            length = check_content_length(headers.get("content-length"))
+        except ApiError as exc:
+            self._send(conn, Response(exc.status, error_body(str(exc))), keep_alive=False)
             return False
         body = reader.read(length) if length else b""
         path, _, raw_query = target.partition("?")
         try:
             response = self.handler(Request(method, path, _parse_query(raw_query) if raw_query else {}, body))
-        except HttpError as exc:
-            response = Response(exc.status, {"error": str(exc)})
+        except ApiError as exc:
+            response = Response(exc.status, error_body(str(exc)))
         except Exception as exc:  # a handler bug must not kill the VMM; say what broke
-            response = Response(500, {"error": f"VMM API handler failed: {type(exc).__name__}: {exc}"})
+            response = Response(500, error_body(f"VMM API handler failed: {type(exc).__name__}: {exc}"))
         self._send(conn, response, keep_alive)
         return keep_alive
 

@@ -1,4 +1,7 @@
-"""Host client for one VMM's control API (its Unix socket). Blocking; use a thread from async code."""
+"""Host client for one VMM's control API (its Unix socket), over http.client: the calls and their bodies are
+hypervisor/vmm_api.py's (VmmCalls), this adds the transport, the exec stream and interactive processes. Blocking;
+use a thread from async code. (The OCI runtime has the same calls over a leaner transport:
+service/runtime/transport.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from hypervisor import vmm_api
 
 
 class VmmError(Exception):
@@ -60,7 +65,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class VmmClient:
+class VmmClient(vmm_api.VmmCalls):
     def __init__(self, socket_path: str | Path, timeout: float = 10.0):
         self.socket_path = str(socket_path)
         self.timeout = timeout
@@ -92,13 +97,10 @@ class VmmClient:
         finally:
             conn.close()
         if response.status >= 400:
-            raise VmmError(_error_text(data, response.status), response.status)
+            raise VmmError(vmm_api.error_text(data, response.status, response.reason), response.status)
         if response.getheader("Content-Type", "").startswith("application/json") and data:
             return json.loads(data)
         return data
-
-    def status(self) -> dict:
-        return self._call("GET", "/status")
 
     def wait_agent_ready(self, timeout_s: float, poll_s: float = 0.05) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -113,23 +115,20 @@ class VmmClient:
                                f"see GET /console for the guest's boot log")
             time.sleep(poll_s)
 
-    def ping(self) -> float:
-        return self._call("GET", "/agent/ping")["rtt_ms"] / 1000
-
     def exec(self, argv: list[str], *, stdin: bytes | None = None, env: dict[str, str] | None = None,
-             cwd: str = "/", timeout_s: float | None = None, output_cap: int = 1 << 20,
+             cwd: str = "/", timeout_s: float | None = None, output_cap: int = vmm_api.DEFAULT_OUTPUT_CAP,
              on_output: Callable[[int, bytes], None] | None = None) -> ExecResult:
         """Run argv in the guest. With on_output(stream, data) output is streamed (1 stdout, 2 stderr)."""
-        body = {"argv": list(argv), "env": env or {}, "cwd": cwd, "timeout_s": timeout_s, "output_cap": output_cap,
-                "stdin_b64": base64.b64encode(stdin).decode() if stdin is not None else None,
-                "stream": on_output is not None}
+        request = vmm_api.exec_request(argv, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s,
+                                       output_cap=output_cap, stream=on_output is not None)
         http_timeout = (timeout_s or 3600.0) + 30.0
         if on_output is None:
-            return ExecResult.from_json(self._call("POST", "/exec", body, http_timeout))
-        conn, response = self._request("POST", "/exec", body, http_timeout)
+            return ExecResult.from_json(self._call(*request, http_timeout))
+        conn, response = self._request(*request, http_timeout)
         try:
             if response.status >= 400:
-                raise VmmError(_error_text(response.read(), response.status), response.status)
+                raise VmmError(vmm_api.error_text(response.read(), response.status, response.reason),
+                               response.status)
             out, err = bytearray(), bytearray()
             for line in response:
                 event = json.loads(line)
@@ -146,28 +145,6 @@ class VmmClient:
         finally:
             conn.close()
 
-    def action(self, action: str) -> None:
-        self._call("PUT", "/actions", {"action": action})
-
-    # ---- containers (hypervisor/control_container.py)
-
-    def swap_drive(self, path: str | None, read_only: bool = False, wait_s: float = 5.0) -> dict:
-        """Point the rootfs disk at an image (None: the empty placeholder); returns once the guest sees it."""
-        return self._call("PUT", "/drives/rootfs", {"path": path, "read_only": read_only, "wait_s": wait_s},
-                          timeout=wait_s + 10)
-
-    def mount(self, source: str, target: str, fstype: str = "", flags: int = 0, data: str = "",
-              mkdir: bool = True) -> None:
-        self._call("POST", "/mounts", {"source": source, "target": target, "fstype": fstype, "flags": flags,
-                                       "data": data, "mkdir": mkdir})
-
-    def mounts(self, mounts: list[dict]) -> None:
-        """Several mounts in one request, done in order (the first failure is the error)."""
-        self._call("POST", "/mounts", {"mounts": mounts})
-
-    def set_hostname(self, name: str) -> None:
-        self._call("PUT", "/hostname", {"hostname": name})
-
     def start_process(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str = "/",
                       timeout_s: float | None = None, **process) -> Process:
         """Start an interactive process (stdin open, output streamed, killed if this client goes away).
@@ -175,11 +152,11 @@ class VmmClient:
         process: tty, root, user {"uid", "gid", "groups"}, rlimits [[resource, soft, hard]], size [rows, cols].
         Raises VmmError when it cannot start (the agent's sentence, e.g. `execve /bin/nope: ...`).
         """
-        body = {"argv": list(argv), "env": env or {}, "cwd": cwd, "timeout_s": timeout_s, "output_cap": 0,
-                "interactive": True, **{k: v for k, v in process.items() if v is not None}}
+        method, path, body = vmm_api.exec_request(argv, env=env, cwd=cwd, timeout_s=timeout_s, output_cap=0,
+                                                  interactive=True, **process)
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            conn.request("POST", "/exec", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
@@ -188,7 +165,7 @@ class VmmClient:
         if response.status >= 400:
             data = response.read()
             conn.close()
-            raise VmmError(_error_text(data, response.status), response.status)
+            raise VmmError(vmm_api.error_text(data, response.status, response.reason), response.status)
         conn.sock.settimeout(None)  # a container's process may stay silent for as long as it likes
         process_ = Process(self, conn, response)
         first = process_._next_event()
@@ -197,13 +174,6 @@ class VmmClient:
             raise VmmError(first.get("error") or f"the VMM did not start {argv[0]}: {first}")
         process_.exec_id, process_.pid = first["started"]["exec_id"], first["started"]["pid"]
         return process_
-
-    def snapshot(self, out_dir: str | Path, resume: bool = True, timeout_s: float = 600.0) -> dict:
-        """Pause the VM, write a snapshot to out_dir (hypervisor/snapshot.py), resume it unless resume=False."""
-        return self._call("PUT", "/snapshot", {"dir": str(out_dir), "resume": resume}, timeout=timeout_s)
-
-    def console(self, tail: int = 65536) -> bytes:
-        return self._call("GET", f"/console?tail={int(tail)}")
 
 
 class Process:
@@ -238,21 +208,14 @@ class Process:
                     yield name, base64.b64decode(event[key])
 
     def write(self, data: bytes, eof: bool = False) -> None:
-        self.client._call("POST", "/exec/stdin", {"exec_id": self.exec_id, "data_b64": base64.b64encode(data).decode(),
-                                                  "eof": eof})
+        self.client.stdin(self.exec_id, data, eof)
 
     def signal(self, signo: int) -> None:
-        self.client._call("POST", "/exec/signal", {"exec_id": self.exec_id, "signal": signo})
+        self.client.signal(self.exec_id, signo)
 
     def resize(self, rows: int, cols: int) -> None:
-        self.client._call("POST", "/exec/resize", {"exec_id": self.exec_id, "rows": rows, "cols": cols})
+        self.client.resize(self.exec_id, rows, cols)
 
     def close(self) -> None:
         self._conn.close()
 
-
-def _error_text(data: bytes, status: int) -> str:
-    try:
-        return json.loads(data)["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"VMM answered HTTP {status}: {data[:200].decode(errors='replace')}"

@@ -8,13 +8,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hypervisor import vmm_api
+
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 MIN_MEM_MIB, MAX_MEM_MIB = 64, 262144  # below 64 MiB the guest kernel + agent do not fit; 256 GiB is absurd here
 MAX_VCPUS = 64  # the VMM's limit
 MAX_POOL = 256
 MAX_AGE_S = 30 * 86400
 MAX_CMDLINE_EXTRA = 1024
-MAX_EXEC_STDIN = 16 << 20
+MAX_EXEC_STDIN = vmm_api.MAX_EXEC_STDIN
 VMState = Literal["booting", "ready", "claimed", "stopping", "stopped", "failed"]
 VMSource = Literal["cold", "clone"]
 
@@ -156,20 +158,19 @@ class ClaimRequest(_In):
 
 
 class ExecRequest(_In):
-    argv: list[str] = Field(min_length=1, max_length=4096)
+    """POST /v1/vms/{id}/exec: a subset of the VMM's POST /exec, checked by its one validator (vmm_api.check_exec,
+    the VMM runs it too); the contract's limits are repeated here for the OpenAPI document only."""
+
+    argv: list[str] = Field(json_schema_extra={"minItems": 1, "maxItems": vmm_api.MAX_ARGS})
     stdin_b64: str | None = Field(None, description=f"base64, at most {MAX_EXEC_STDIN} bytes decoded")
     env: dict[str, str] | None = None
-    cwd: str = Field("/", min_length=1, max_length=4096)
-    timeout_s: float | None = Field(None, gt=0, le=86400)
+    cwd: str = Field("/", json_schema_extra={"maxLength": vmm_api.MAX_PATH})
+    timeout_s: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": vmm_api.MAX_TIMEOUT_S})
 
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, value):
-        if not value[0]:
-            raise ValueError("argv[0] must name the program to run")
-        if any("\x00" in arg for arg in value):
-            raise ValueError("argv entries must not contain NUL")
-        return value
+    @model_validator(mode="after")
+    def _contract(self):
+        vmm_api.check_exec(self.model_dump(exclude_none=True))  # ApiError is a ValueError: a 422 that quotes it
+        return self
 
 
 class ExecOut(BaseModel):

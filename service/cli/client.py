@@ -13,6 +13,7 @@ import socket
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from hypervisor.vmm_api import error_text
 from service.cli.config import Settings, config_path
 from service.cli.errors import CliError, NotFound
 from service.cli.pkginfo import client_version
@@ -58,25 +59,8 @@ class Response:
 
 
 def _problem_text(resp: Response) -> str:
-    """The server's reason: RFC 7807 title/detail, FastAPI's {"detail": ...}, or the start of the body."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return _one_line(resp.text[:300]) or resp.reason_phrase
-    if isinstance(body, dict):
-        detail = body.get("detail")
-        if isinstance(detail, list):  # FastAPI/pydantic validation errors
-            parts = []
-            for item in detail[:5]:
-                if isinstance(item, dict):
-                    loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-                    parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
-            detail = "; ".join(parts)
-        title = body.get("title")
-        if title and detail and _one_line(detail) != _one_line(title):
-            return _one_line(f"{title}: {detail}")
-        return _one_line(detail or title or resp.reason_phrase)
-    return _one_line(body)
+    """The server's reason (hypervisor/vmm_api.py's one decoder of error answers)."""
+    return error_text(resp.content, resp.status_code, resp.reason_phrase)
 
 
 def _connect_reason(exc: Exception) -> str:

@@ -10,7 +10,7 @@ import time
 from service.runtime.arguments import Usage, container_of, one, signal_number, switch
 from service.runtime.peers import pclited as pclited_client
 from service.runtime.state import Container, Log, RuntimeFailure, remove_tree, start_time, write_atomic
-from service.runtime.wire import Pclited, Vmm, WireError
+from service.runtime.transport import Pclited, Vmm, WireError
 
 FLAVOR_ANNOTATION = "pclite.flavor"
 

@@ -2,7 +2,7 @@
 
 from service.clientconfig import ConfigError, resolve
 from service.runtime.state import RuntimeFailure
-from service.runtime.wire import Pclited
+from service.runtime.transport import Pclited
 
 
 def pclited(server: str | None = None) -> Pclited:

@@ -102,7 +102,7 @@ def _kill_stand_ins(container: Container, state: dict) -> None:
 
 def _release(container: Container, state: dict, force: bool, log: Log) -> None:
     from service.runtime.peers import pclited
-    from service.runtime.wire import Unreachable, WireError
+    from service.runtime.transport import Unreachable, WireError
     started = time.monotonic()
     try:
         pclited(state.get("server")).release(state["vm_id"])

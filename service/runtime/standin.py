@@ -12,7 +12,7 @@ import os
 import select
 import time
 
-from service.runtime.wire import Unreachable, Vmm, WireError
+from service.runtime.transport import Unreachable, Vmm, WireError
 
 FORWARDED = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGTERM,
              _signal.SIGWINCH)

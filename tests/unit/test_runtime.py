@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from guestboot.initramfs.builder import busybox_path
-from hypervisor.api_server import ApiServer, HttpError, Response
+from hypervisor.api_server import ApiServer, Response
 from hypervisor.control import Controller
+from hypervisor.vmm_api import ApiError
 from tests.unit.test_vmm_agent_api import PipeAgent
 
 RUNTIME: list[str] = []  # the pair `make venv` installs: the C quick path in front of the Python runtime
@@ -68,11 +69,11 @@ class Fakes:
         if (request.method, request.path) == ("POST", "/v1/vms"):
             flavor = request.json()["flavor"]
             if flavor != "default":
-                raise HttpError(404, f"flavor {flavor} does not exist")
+                raise ApiError(404, f"flavor {flavor} does not exist")
             return Response(201, {"id": "vm-0123456789ab", "api_socket": self.vmm.path})
         if request.method == "POST" and request.path.endswith("/rootfs"):
             if getattr(self, "refuse_rootfs", False):
-                raise HttpError(409, "VM vm-0123456789ab's VMM is gone: delete it and claim another")
+                raise ApiError(409, "VM vm-0123456789ab's VMM is gone: delete it and claim another")
             spec = request.json()
             self.rootfs = spec["path"]  # the bundle's rootfs: the stand-in guest's /rootfs
             self.attached = spec
@@ -80,7 +81,7 @@ class Fakes:
                                   "hostname": spec.get("hostname")})
         if request.method == "DELETE":
             return Response(200, {"state": "stopped"})
-        raise HttpError(404, f"no route {request.path}")
+        raise ApiError(404, f"no route {request.path}")
 
     def _vmm(self, request):
         self.calls.append((request.method, request.path))

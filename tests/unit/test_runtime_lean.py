@@ -60,7 +60,7 @@ def test_start_and_delete_import_neither_json_nor_the_create_machinery():
         loaded = _modules_after(*argv)
         assert "service.runtime.main" in loaded, argv
         assert not loaded & heavy, (argv, loaded & heavy)
-    assert "service.runtime.wire" not in _modules_after("start", "c1")
+    assert "service.runtime.transport" not in _modules_after("start", "c1")
 
 
 def test_launcher_writes_an_isolated_runtime(tmp_path):

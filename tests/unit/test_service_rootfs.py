@@ -334,8 +334,8 @@ def test_image_cache_hits_for_the_same_tree_and_misses_after_a_change(tree, tmp_
 def test_runtime_streams_a_rootfs_tar_when_pclited_cannot_see_the_path(server, tree, monkeypatch):
     """The runtime's fallback for a pclited on another machine: the same refusal (404, no such VM) comes back after
     a chunked tar upload of the whole tree, read by pclited's streaming route."""
-    from service.runtime.wire import Pclited as Client
-    from service.runtime.wire import WireError
+    from service.runtime.transport import Pclited as Client
+    from service.runtime.transport import WireError
     client = Client(server.url, server.token)
     with pytest.raises(WireError, match="vm-000000000000") as info:
         client.upload_rootfs("vm-000000000000", str(tree), read_only=True)

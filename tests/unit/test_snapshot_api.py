@@ -9,11 +9,12 @@ import pytest
 
 from guestboot.agent import protocol as P
 from hypervisor.agent_channel import AgentChannel
-from hypervisor.api_server import HttpError, Request
+from hypervisor.api_server import Request
 from hypervisor.control import Controller
 from hypervisor.launch import vmm_command
 from hypervisor.restore import identity_requests
 from hypervisor.snapshot import SnapshotError
+from hypervisor.vmm_api import ApiError
 from tests.unit.test_vmm_agent_api import PipeAgent
 
 
@@ -28,10 +29,10 @@ def put_snapshot(controller, body: dict):
 
 def test_snapshot_route_wants_a_dir_and_a_running_vm():
     controller = Controller(StoppedMachine(), AgentChannel(lambda data: len(data)), lambda n: b"")
-    with pytest.raises(HttpError, match="dir must name the directory") as error:
+    with pytest.raises(ApiError, match="dir must name the directory") as error:
         put_snapshot(controller, {})
     assert error.value.status == 400
-    with pytest.raises(HttpError, match="has stopped") as error:
+    with pytest.raises(ApiError, match="has stopped") as error:
         put_snapshot(controller, {"dir": "/tmp/never-written"})
     assert error.value.status == 409
 
@@ -42,7 +43,7 @@ def test_snapshot_route_refuses_while_a_request_is_in_flight(tmp_path):
     agent = AgentChannel(lambda data: len(data))
     agent.adopt("pclite-agent/1 test")
     agent.send_requests([(P.MsgType.PING, b"x")])  # never answered: in flight
-    with pytest.raises(HttpError, match="in flight") as error:
+    with pytest.raises(ApiError, match="in flight") as error:
         put_snapshot(Controller(machine, agent, lambda n: b""), {"dir": str(tmp_path / "snap")})
     assert error.value.status == 409 and not (tmp_path / "snap").exists()
 

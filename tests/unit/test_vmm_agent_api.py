@@ -13,8 +13,9 @@ import pytest
 
 from guestboot.agent.build import build_agent
 from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable
-from hypervisor.api_server import ApiServer, HttpError, Response
+from hypervisor.api_server import ApiServer, Response
 from hypervisor.client import VmmClient, VmmError, VmmUnavailable
+from hypervisor.vmm_api import ApiError
 
 
 class PipeAgent:
@@ -131,7 +132,7 @@ def api(tmp_path):
                                        b'"timed_out": false, "stdout_b64": "", "stderr_b64": "", "stdout_truncated": '
                                        b'false, "stderr_truncated": false, "duration_ms": 1}}\n']),
                             "application/x-ndjson")
-        raise HttpError(404, f"no route {request.path}")
+        raise ApiError(404, f"no route {request.path}")
 
     path = str(tmp_path / "vmm.sock")
     server = ApiServer(path, handler)

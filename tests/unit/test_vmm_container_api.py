@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hypervisor import control_container
+from hypervisor import control
 from hypervisor.api_server import ApiServer
 from hypervisor.client import VmmClient, VmmError
 from hypervisor.control import Controller
@@ -26,7 +26,7 @@ def vmm(tmp_path, monkeypatch):
     """(client, driver of the rootfs disk, the file standing for the guest's /sys/block/vda/size)."""
     size_file = tmp_path / "vda-size"
     size_file.write_text("0\n")
-    monkeypatch.setattr(control_container, "GUEST_DISK_SIZE", str(size_file))
+    monkeypatch.setattr(control, "GUEST_DISK_SIZE", str(size_file))
     driver = VirtioDriver(BlockDevice("/dev/null"))
     driver.negotiate()
     driver.w(m.STATUS, m.ACKNOWLEDGE | m.DRIVER | m.FEATURES_OK | m.DRIVER_OK)

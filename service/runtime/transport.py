@@ -1,5 +1,6 @@
 """The runtime's two peers, over a minimal HTTP/1.1 client: pclited (claim, rootfs, release) and the VM's own VMM
-control socket (mounts, host name, interactive processes).
+control socket (mounts, host name, interactive processes: hypervisor/vmm_api.py's VmmCalls, so its requests are the
+contract's, only the transport is this one).
 
 Hand-rolled rather than http.client, which imports the email package: ~0.5 s per runtime start in the lab, and
 containerd starts the runtime four times for a `ctr run --rm`. For the same reason it uses _socket (socket.py
@@ -8,6 +9,8 @@ imports enum), and service.runtime.jsonlite (only when a body needs it) rather t
 
 import _socket
 import os
+
+from hypervisor import vmm_api
 
 CHUNK = 65536
 
@@ -185,19 +188,17 @@ def request(address: str, method: str, path: str, body: object = None, *, token:
     sock.close()
     if response.status >= 400:
         raise WireError(_problem_text(payload, response.status), response.status)
-    if not parse or not payload or not response.headers.get("content-type", "").endswith("json"):
+    if not parse or not payload:
         return None
+    if not response.headers.get("content-type", "").endswith("json"):
+        return payload
     from service.runtime.jsonlite import loads
     return loads(payload)
 
 
 def _problem_text(payload: bytes, status: int) -> str:
     from service.runtime.jsonlite import loads
-    try:
-        data = loads(payload)
-        return data.get("detail") or data.get("error") or str(data)
-    except (ValueError, AttributeError):
-        return f"HTTP {status}: {payload[:300].decode(errors='replace')}"
+    return vmm_api.error_text(payload, status, loads=loads)
 
 
 # ---- pclited
@@ -292,9 +293,12 @@ class Pclited:
 
 # ---- the VM's VMM
 
-class Vmm:
+class Vmm(vmm_api.VmmCalls):
     def __init__(self, socket_path: str):
         self.address = "unix:" + socket_path
+
+    def _call(self, method: str, path: str, body: object = None, timeout: float | None = None):
+        return self.call(method, path, body, 30.0 if timeout is None else timeout)
 
     def call(self, method: str, path: str, body: object = None, timeout: float = 30.0, **kwargs):
         try:
@@ -305,12 +309,6 @@ class Vmm:
             raise Unreachable(f"the VM's VMM ({self.address[5:]}) is gone ({exc.strerror or exc}): the VM has "
                               f"stopped; delete the container") from None
 
-    def mounts(self, mounts: list[dict]) -> None:
-        self.call("POST", "/mounts", {"mounts": mounts})
-
-    def set_hostname(self, name: str) -> None:
-        self.call("PUT", "/hostname", {"hostname": name})
-
     def connect(self) -> _socket.socket:
         """A connection for a later start() (so that start skips connecting)."""
         try:
@@ -320,26 +318,13 @@ class Vmm:
                               f"stopped") from None
 
     def start(self, process: dict, sock: _socket.socket | None = None) -> Response:
-        """Start an interactive process; returns the open NDJSON stream (its first line is {"started"})."""
+        """Start an interactive process (process: vmm_api.exec_request's keywords, e.g. oci.guest_process's body);
+        returns the open NDJSON stream (its first line is {"started"})."""
+        method, path, body = vmm_api.exec_request(**{"output_cap": 0, **process}, interactive=True)
         try:
-            return request(self.address, "POST", "/exec", {**process, "interactive": True, "output_cap": 0},
-                           timeout=30.0, stream=True, sock=sock)
+            return request(self.address, method, path, body, timeout=30.0, stream=True, sock=sock)
         except WireError as exc:
             raise WireError(f"the guest could not start {process['argv'][0]}: {exc}", exc.status) from None
         except OSError as exc:
             raise Unreachable(f"the VM's VMM ({self.address[5:]}) is gone ({exc.strerror or exc}): the VM has "
                               f"stopped") from None
-
-    def stdin(self, exec_id: int, data: bytes, eof: bool = False) -> None:
-        from binascii import b2a_base64
-        self.call("POST", "/exec/stdin", {"exec_id": exec_id, "data_b64": b2a_base64(data, newline=False).decode(),
-                                          "eof": eof})
-
-    def signal(self, exec_id: int, signo: int) -> None:
-        self.call("POST", "/exec/signal", {"exec_id": exec_id, "signal": signo})
-
-    def resize(self, exec_id: int, rows: int, cols: int) -> None:
-        self.call("POST", "/exec/resize", {"exec_id": exec_id, "rows": rows, "cols": cols})
-
-    def action(self, action: str) -> None:
-        self.call("PUT", "/actions", {"action": action})
