@@ -173,7 +173,7 @@ def test_malformed_exit_ends_an_interactive_exec_too():
     reader.join(1.0)
     assert not reader.is_alive(), "the interactive stream did not end within 1 s"
     assert "started" in lines[0] and "malformed EXIT" in lines[-1]["error"], lines
-    assert exec_id not in controller.container.live
+    assert exec_id not in controller.live
 
 
 def test_ping_answered_with_output_or_a_flood_is_an_error():
