@@ -57,6 +57,7 @@ def cmd_run(argv: list[str]) -> int:
     # Start loading the kernel and initrd into guest RAM before importing the rest of the VMM: the reads (0.2-1 s
     # over 9p in the lab) then overlap those imports and the KVM set-up. Same as Machine.boot_images() for the
     # config below; bad options are still reported first, by Machine().
+    _jail_self()  # before any thread of this process: the images load inside the jail
     from hypervisor.boot_images import BootImages, take_prepared
     spec = _boot_spec(opts)
     images = take_prepared(*spec) or BootImages(*spec)  # prepared: loaded by a warm VMM before this request
@@ -117,6 +118,10 @@ def _serve_api(opts: dict, machine, agent):
     _signal.signal(_signal.SIGTERM, lambda *_: machine.stop("stopped by SIGTERM", 143))
     if not opts["detach"]:
         parent = os.getppid()
+        if parent == 0:  # pid 1 of its own pid namespace (jail): the parent is out of sight, let the kernel watch
+            import ctypes  # the fork server forked us from its only thread, so its death is the parent's
+            ctypes.CDLL(None).prctl(1, _signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG (after the uid change)
+            return server
 
         def watch_parent() -> None:
             # getppid polling rather than PR_SET_PDEATHSIG: that fires when the parent *thread* exits,
@@ -161,6 +166,7 @@ def cmd_restore(argv: list[str]) -> int:
     from hypervisor.restore import restore
     from hypervisor.snapshot import SnapshotError
     from hypervisor.vm import Machine  # noqa: F401 - imported before vmm_ready, as `run` does
+    _jail_self()
     TIMELINE.mark("vmm_ready")
     if opts["api_sock"] and _socket_in_use(opts["api_sock"]):
         print(f"pclite: error: --api-sock {opts['api_sock']} is in use by a running VMM: pick another path",
@@ -190,6 +196,23 @@ def cmd_restore(argv: list[str]) -> int:
         machine.stop("interrupted (Ctrl-C)", 130)
         code = 130
     return _finish(opts, machine, agent, server, code, "restore")
+
+
+def _jail_self() -> None:
+    """Enter the jail pclited planned for this VMM (PCLITE_JAIL, JSON: hypervisor/jail.py), if any; a jail that
+    cannot be set up stops the VMM (exit 1, one line) rather than run it unjailed."""
+    text = os.environ.pop("PCLITE_JAIL", None)
+    if not text:
+        return
+    from hypervisor import jail
+    from hypervisor.boot_images import wait_prepared
+    wait_prepared()  # a warm VMM's load ahead: its thread must be done before the process may unshare
+    try:
+        jail.enter(jail.JailPlan.from_json(text))
+    except jail.JailError as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    TIMELINE.mark("jailed")
 
 
 def cmd_exec(argv: list[str]) -> int:

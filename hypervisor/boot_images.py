@@ -137,6 +137,13 @@ def prepare(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus
     _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec, ahead=True)))
 
 
+def wait_prepared() -> None:
+    """Wait until every load started ahead is done (its thread ended): before a warm VMM jails itself."""
+    for _, _, images in _PREPARED:
+        if images._thread is not None:
+            images._thread.join()
+
+
 def discard_prepared() -> None:
     """The request is not a `run`: free what was loaded ahead for one."""
     while _PREPARED:

@@ -30,7 +30,7 @@ import time
 
 from hypervisor.cli_args import REQUIRED, parse_options
 
-OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1)}
+OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1), "--pidns": (int, 0)}
 MAX_REQUEST = 64 << 10
 PARENT_POLL_S = 1.0
 WARM_AFTER_S = 0.2  # idle time before forking the next warm VMM: not while the one just handed out starts
@@ -51,6 +51,7 @@ def _preload() -> None:
     import hypervisor.api_server  # noqa: F401
     import hypervisor.boot_images  # noqa: F401
     import hypervisor.control  # noqa: F401
+    import hypervisor.jail  # noqa: F401
     import hypervisor.vm  # noqa: F401
     from guestboot.agent import protocol  # noqa: F401
     from hypervisor import cpuid, kvm_snapshot_structs, restore  # noqa: F401 - `restore`: clones of a snapshot
@@ -79,6 +80,8 @@ def serve(argv: list[str]) -> int:
     _signal.signal(_signal.SIGCHLD, lambda *_: None)  # a handler, not SIG_IGN: we want the exit codes
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # stop like Ctrl-C: the socket is removed
     children: dict[int, socket.socket] = {}
+    global _PIDNS
+    _PIDNS = opts["pidns"] > 0
     warm = _Warm(opts["warm"] > 0)
     parent = os.getppid()  # the server lives as long as whoever started it (pclited, a test, the bench)
     print(f"pclite forkserver: ready on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
@@ -181,6 +184,8 @@ def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
         request = json.loads(data)
         if len(fds) != 3 or not isinstance(request.get("argv"), list):
             raise ValueError("want a JSON line with argv and exactly 3 file descriptors (stdin, stdout, stderr)")
+        if not isinstance(request.get("jail") or "", str):
+            raise ValueError("jail must be a JSON string (hypervisor/jail.py)")
     except (OSError, ValueError) as exc:
         _reply(conn, {"error": f"bad fork request: {exc}"})
         conn.close()
@@ -196,7 +201,7 @@ def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
             pid = 0
         warm_conn.close()
     if not pid:
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:  # the new VMM
             listener.close()
             _become_vmm(conn, fds, request)
@@ -226,7 +231,7 @@ def _run_vmm(request: dict) -> None:
 
 def _fork_warm(last_run: list | None = None) -> tuple[int, socket.socket | None]:
     server_end, vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
         code = 0
         try:
@@ -270,6 +275,15 @@ def _wait_as_warm(conn: socket.socket, last_run: list | None = None) -> dict | N
         discard_prepared()
     _adopt_request(fds, request)
     return request
+
+
+_PIDNS = False  # --pidns 1: every VMM is pid 1 of its own pid namespace (pclited's jail)
+
+
+def _fork() -> int:
+    from hypervisor.jail import pid_namespace_for_next_child
+    with pid_namespace_for_next_child(_PIDNS):
+        return os.fork()
 
 
 def _freeze_heap() -> None:
@@ -318,6 +332,8 @@ def _adopt_request(fds: list[int], request: dict) -> None:
         os.close(fd)
     if request.get("cwd"):
         os.chdir(request["cwd"])
+    if request.get("jail"):  # entered by the VMM itself once it parsed its command (hypervisor/__main__.py)
+        os.environ["PCLITE_JAIL"] = request["jail"]
     from hypervisor import __main__ as vmm_main
     t0 = float(request.get("t0") or time.monotonic())
     vmm_main.TIMELINE.origin = t0
@@ -375,9 +391,11 @@ def _read_line(conn: socket.socket, buffer: bytes, timeout: float | None) -> tup
     return line, rest
 
 
-def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cwd: str | None = None) -> ForkedVmm:
-    """Ask the fork server at `server` for a VMM running `argv` (e.g. ["run", "--kernel", ...])."""
-    request = {"argv": argv, "cwd": cwd or os.getcwd(), "t0": time.monotonic()}
+def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cwd: str | None = None,
+          jail: str | None = None) -> ForkedVmm:
+    """Ask the fork server at `server` for a VMM running `argv` (e.g. ["run", "--kernel", ...]), jailed by the
+    JSON plan `jail` (hypervisor/jail.py) when given."""
+    request = {"argv": argv, "cwd": cwd or os.getcwd(), "t0": time.monotonic(), **({"jail": jail} if jail else {})}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _connect(conn, server)

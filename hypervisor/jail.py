@@ -24,7 +24,6 @@ import ctypes
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass, field
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -35,6 +34,7 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_PIVOT_ROOT = 155  # x86_64
 FEATURES = ("uid", "mountns", "pidns", "netns", "cgroup", "seccomp")
 CGROUP_ROOT = "/sys/fs/cgroup"
+SHARED_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")  # harmless, and an empty drive slot is /dev/null
 CGROUP_CONTROLLERS = ("memory", "pids", "cpu")
 
 
@@ -42,55 +42,56 @@ class JailError(Exception):
     """The jail could not be set up; the message says which step and what to change."""
 
 
-@dataclass(frozen=True)
 class JailPlan:
-    """One VMM's jail, from plain values (JSON-able: it travels in the VMM's command line or fork request).
+    """One VMM's jail, from plain values (JSON-able: it travels in the fork request or the VMM's environment).
 
     root: an empty host directory the jail's tmpfs is mounted on (in the jail's mount namespace only).
-    read_only / read_write: host paths bound at the same path inside (files or directories).
+    read_only / read_write: host paths bound at the same path inside (files or directories; missing ones skipped).
     binds: (host source, path inside) pairs, read-write: e.g. a per-VM socket directory shown at the path where
     the VMM binds its API socket. owned: host paths chowned to uid:gid first (what the VMM must write).
     cgroup: the leaf's path (None: no cgroup); mount / net: those namespaces on or off (a service without the
-    privilege turns them off and says so).
+    privilege turns them off and says so). A plain class, not a dataclass: dataclasses costs VMM start-up.
     """
 
-    vm_id: str
-    uid: int
-    gid: int
-    root: str
-    read_only: tuple[str, ...] = ()
-    read_write: tuple[str, ...] = ()
-    binds: tuple[tuple[str, str], ...] = ()
-    owned: tuple[str, ...] = ()
-    cgroup: str | None = None
-    memory_max: int | None = None
-    pids_max: int | None = None
-    cpu_weight: int | None = None
-    mount: bool = True
-    net: bool = True
-    devices: tuple[str, ...] = field(default=("/dev/kvm",))
+    FIELDS = {"vm_id": None, "uid": None, "gid": None, "root": None, "read_only": (), "read_write": (), "binds": (),
+              "owned": (), "cgroup": None, "memory_max": None, "pids_max": None, "cpu_weight": None, "mount": True,
+              "net": True, "devices": ("/dev/kvm",)}
+    __slots__ = tuple(FIELDS)
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise JailError(f"bad jail plan: no field(s) {', '.join(sorted(unknown))}")
+        for name, default in self.FIELDS.items():
+            value = values.get(name, default)
+            if name == "binds":
+                value = tuple((str(a), str(b)) for a, b in value)
+            elif isinstance(default, tuple):
+                value = tuple(str(v) for v in value)
+            setattr(self, name, value)
+        if not isinstance(self.uid, int) or not isinstance(self.gid, int) or self.uid <= 0 or self.gid <= 0:
+            raise JailError(f"jail uid/gid must be non-root ids, got {self.uid}/{self.gid}")
+        if not isinstance(self.vm_id, str) or not isinstance(self.root, str):
+            raise JailError("a jail plan needs vm_id and root")
+        paths = (self.root, *self.read_only, *self.read_write, *self.owned, *(p for pair in self.binds for p in pair),
+                 *((self.cgroup,) if self.cgroup else ()))
+        for path in paths:
+            if not path.startswith("/") or "/../" in path + "/":
+                raise JailError(f"jail path {path!r} must be absolute, without '..'")
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self.as_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> JailPlan:
         try:
             raw = json.loads(text)
-            raw["binds"] = tuple(tuple(pair) for pair in raw.get("binds", ()))
-            for key in ("read_only", "read_write", "owned", "devices"):
-                if key in raw:
-                    raw[key] = tuple(raw[key])
-            plan = cls(**raw)
+            return cls(**raw)
         except (TypeError, ValueError, AttributeError) as exc:
             raise JailError(f"bad jail plan ({exc}): it is made by pclited, not by hand") from None
-        if plan.uid <= 0 or plan.gid <= 0:
-            raise JailError(f"jail uid/gid must be non-root ids, got {plan.uid}/{plan.gid}")
-        paths = (plan.root, *plan.read_only, *plan.read_write, *plan.owned, *(p for pair in plan.binds for p in pair))
-        for path in paths:
-            if not os.path.isabs(path) or "/../" in path + "/":
-                raise JailError(f"jail path {path!r} must be absolute, without '..'")
-        return plan
 
 
 # --- syscalls (Python 3.11 has no os.unshare/setns/mount) ---------------------------------------------------------
@@ -257,7 +258,16 @@ def _build_root(plan: JailPlan) -> None:
             _bind(path, _target(root, path), False)
     for source, inside in plan.binds:
         _bind(source, _target(root, inside), False)
-    for device in plan.devices:
+    for path in import_paths():
+        if path not in plan.read_only:
+            _bind(path, _target(root, path), True)
+    if os.getpid() == 1:  # its own pid namespace: a /proc showing this VMM alone (a snapshot reads its pagemap)
+        os.makedirs(root + "/proc", exist_ok=True)
+        try:
+            _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "subset=pid")
+        except JailError:  # a kernel before 5.8: no subset=, the pid namespace still hides other processes
+            _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for device in (*plan.devices, *SHARED_DEVICES):
         try:
             st = os.stat(device)
         except OSError:
@@ -265,8 +275,11 @@ def _build_root(plan: JailPlan) -> None:
         target = _target(root, device)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
-            os.mknod(target, stat.S_IFCHR | 0o600, st.st_rdev)
-            os.chown(target, plan.uid, plan.gid)
+            mode = 0o666 if device in SHARED_DEVICES else 0o600
+            os.mknod(target, stat.S_IFCHR | mode, st.st_rdev)
+            os.chmod(target, mode)  # past the umask
+            if device not in SHARED_DEVICES:
+                os.chown(target, plan.uid, plan.gid)
         except OSError as exc:
             raise JailError(f"jail: cannot make {device} in the jail: {exc.strerror or exc}") from None
     os.chdir(root)
@@ -275,6 +288,22 @@ def _build_root(plan: JailPlan) -> None:
     _check(libc.umount2(b".", ctypes.c_int(MNT_DETACH)), "detach the host's root")
     os.chdir("/")
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+
+
+def import_paths() -> list[str]:
+    """What this Python may still import from after pivot_root, read-only: its sys.path directories (the project's
+    own packages only, not the project directory: a data dir may sit there) and the stdlib's."""
+    import sys
+    paths = []
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry):
+            continue
+        if os.path.isdir(os.path.join(entry, "hypervisor")) and os.path.isfile(os.path.join(entry, "hypervisor",
+                                                                                               "jail.py")):
+            paths += [os.path.join(entry, "hypervisor"), os.path.join(entry, "guestboot")]
+        else:
+            paths.append(entry)
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in paths) if os.path.isdir(p)]
 
 
 def _chown_owned(plan: JailPlan) -> None:

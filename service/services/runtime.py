@@ -28,6 +28,7 @@ class Runtime:
         self.inv = Inventory(self.db, settings)
         self.flavors = FlavorService(self.db, settings)
         self.launcher = Launcher(settings)
+        self.metrics.set_jail({f: self.launcher.jails.on(f) for f in self.launcher.jails.features})
         self.pool = PoolManager(self)
         self.templates = TemplateManager(self)
         self.supervisor = Supervisor(self)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from service.core.config import Settings
 from service.models import CLONE, COLD, VM, Flavor
+from service.services.jail import JailService
 
 log = logging.getLogger("pclited")
 BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=agent"
@@ -102,11 +103,12 @@ def proc_cmdline(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else None
 
 
-def listening_unix_sockets() -> dict[int, str]:
-    """{socket inode: path} of every bound Unix socket on the host (/proc/net/unix, as `ss -x` reads it)."""
+def listening_unix_sockets(pid: int | str = "self") -> dict[int, str]:
+    """{socket inode: path} of every bound Unix socket in the network namespace of `pid` (/proc/PID/net/unix, as
+    `ss -x` reads it): a jailed VMM has a network namespace of its own."""
     table: dict[int, str] = {}
     try:
-        with open("/proc/net/unix") as f:
+        with open(f"/proc/{pid}/net/unix") as f:
             next(f)
             for line in f:
                 fields = line.split()
@@ -120,7 +122,8 @@ def listening_unix_sockets() -> dict[int, str]:
 def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
     """Paths of the Unix sockets process `pid` has bound: how a VMM forked by the fork server (whose cmdline is
     the server's) is matched to its API socket."""
-    table = listening_unix_sockets() if table is None else table
+    if table is None or _netns(pid) != _netns("self"):
+        table = listening_unix_sockets(pid)
     paths = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -131,6 +134,13 @@ def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
     except OSError:
         pass
     return paths
+
+
+def _netns(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
 
 
 def _in_dir(path: str, prefix: str) -> bool:
@@ -217,6 +227,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._forkserver: subprocess.Popen | None = None
         self._forkserver_lock = threading.Lock()
+        self.jails = JailService(settings)
 
     # --- starting -------------------------------------------------------------------------------------------
     def default_artifacts(self) -> tuple[str, str]:
@@ -273,7 +284,8 @@ class Launcher:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 with open(path.parent / "forkserver.log", "ab") as out:
-                    self._forkserver = subprocess.Popen(vmm_command(["forkserver", "--socket", str(path)]),
+                    pidns = ["--pidns", "1"] if self.jails.on("pidns") else []
+                    self._forkserver = subprocess.Popen(vmm_command(["forkserver", "--socket", str(path), *pidns]),
                                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                                         start_new_session=True, close_fds=True)
                 deadline = time.monotonic() + FORKSERVER_START_S
@@ -292,26 +304,30 @@ class Launcher:
         Popen-like object (pid, poll)."""
         args = self.vmm_args(vm, flavor)
         vm_dir = Path(vm.console_path).parent
-        proc = self.start_process(args, vm.api_socket, vm_dir, vm_dir / VMM_LOG)
+        proc = self.start_process(args, vm.api_socket, vm_dir, vm_dir / VMM_LOG, vm.mem_mib, vm.vcpus)
         self.children[vm.id] = proc
         niced = bool(vm.pooled and self.refill_nice and set_nice(proc.pid, self.refill_nice))
         log.info("started VMM pid %d for %s (%s)%s", proc.pid, vm.id, vm.source,
                  f" at nice {self.refill_nice}" if niced else "")
         return proc
 
-    def start_process(self, args: list[str], api_socket: str, cwd: Path, log_path: Path):
-        """A VMM process for `args` (hypervisor's CLI), its output appended to log_path."""
+    def start_process(self, args: list[str], api_socket: str, cwd: Path, log_path: Path, mem_mib: int | None = None,
+                      vcpus: int | None = None):
+        """A VMM process for `args` (hypervisor's CLI), its output appended to log_path, jailed when the jail is on
+        (cwd is the VM's own directory)."""
         cwd.mkdir(parents=True, exist_ok=True)
         Path(api_socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(api_socket)
+        jail = self.jails.plan(args, api_socket, cwd, mem_mib, vcpus)
         server = self.forkserver()
         with open(log_path, "ab") as out:
             if server:
                 from hypervisor.forkserver import ForkServerError, spawn
                 try:  # the forked VMM gets its own session too
                     with open(os.devnull, "rb") as devnull:
-                        return spawn(server, args, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd))
+                        return spawn(server, args, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd),
+                                     jail=jail)
                 except ForkServerError as exc:
                     log.warning("VMM fork server: %s; starting a fresh VMM process instead", exc)
             try:
@@ -319,9 +335,13 @@ class Launcher:
                 argv = vmm_command(args)
             except ImportError:
                 argv = [sys.executable, "-m", "hypervisor", *args]
-            # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
-                                    start_new_session=True, close_fds=True)
+            env = {**os.environ, "PCLITE_JAIL": jail} if jail else None
+            # A pid namespace only for a detached VMM: one that watches its parent needs to see it.
+            from hypervisor.jail import pid_namespace_for_next_child
+            with pid_namespace_for_next_child(bool(jail) and self.jails.on("pidns") and "--detach" in args):
+                # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
+                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
+                                        start_new_session=True, close_fds=True, env=env)
 
     def foreground(self, vm: VM) -> None:
         """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill, of this
@@ -444,6 +464,7 @@ class Launcher:
     def cleanup(self, vm: VM) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.api_socket)
+        self.jails.release(Path(vm.console_path).parent)
         # A container's rootfs image (services/rootfs.py) is as large as its rootfs: it goes with the VM.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path(vm.console_path).parent / "rootfs.ext4")

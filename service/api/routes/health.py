@@ -30,7 +30,7 @@ async def readyz(rt: RuntimeDep):
     why = await asyncio.to_thread(rt.healthy)
     if why:
         return problem(503, f"not ready: {why}", "not-ready")
-    return {"status": "ready"}
+    return {"status": "ready", "jail": rt.launcher.jails.status()}  # what of the VMM jail is in force
 
 
 @router.get("/metrics")
