@@ -189,8 +189,11 @@ def cgroup_parent_ready(parent: str) -> str | None:
             missing = [c for c in CGROUP_CONTROLLERS if c not in have]
             if missing:
                 return f"cgroup {directory} lacks the {', '.join(missing)} controller(s) (not delegated)"
-            with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
-                f.write(" ".join("+" + c for c in CGROUP_CONTROLLERS))
+            with open(os.path.join(directory, "cgroup.subtree_control")) as f:
+                enabled = set(f.read().split())
+            if not enabled.issuperset(CGROUP_CONTROLLERS):  # only then: a parent may be read-only to us
+                with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
+                    f.write(" ".join("+" + c for c in CGROUP_CONTROLLERS))
     except OSError as exc:
         return f"cannot set up cgroup {parent}: {exc.strerror or exc}"
     return None
