@@ -101,9 +101,13 @@ class JailService:
         (self.settings.run_dir / "jail-root").mkdir(exist_ok=True)
         return plan.to_json()
 
-    def uid_of(self, cwd: Path) -> int | None:
-        """The uid a VM's VMM runs as (files pclited makes for it are handed to it), None unjailed."""
-        return self._uids.get(str(cwd))
+    def hand_over(self, path: Path) -> None:
+        """A file pclited made in a VM's directory for its VMM to open read-write (a container's rootfs image):
+        owned by the VM's uid, which owns that directory (also for a VM adopted after a restart)."""
+        owner = os.stat(path.parent).st_uid
+        base = self.settings.jail_uid_base
+        if self.enabled and base <= owner < base + self.settings.jail_uid_count:
+            os.chown(path, owner, owner)
 
     def release(self, cwd: Path, wait_s: float = 2.0) -> None:
         """The VM is gone: its uid is free again and its cgroup removed (a leaf still emptying is retried)."""

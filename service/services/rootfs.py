@@ -273,6 +273,7 @@ class RootfsService:
                       mounts: list[dict] | None = None, hostname: str | None = None) -> dict:
         image = image_path(vm)
         built = await blocking(build_image, source, image, size_mib, self.rt.settings.data_dir / "rootfs-cache")
+        self.rt.launcher.jails.hand_over(image)  # a jailed VMM opens it as the VM's own uid
         mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
                    "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
 

@@ -113,6 +113,27 @@ def test_inside_a_jail_pclited_and_other_vms_do_not_exist(service, vms):
         assert str(data / "token") not in mounts and " / tmpfs ro," in mounts, (label, mounts)
 
 
+def test_a_container_rootfs_is_handed_to_the_jailed_vmm(service, vms):
+    """The container path: a claimed clone gets a rootfs from a tar stream; its image belongs to the VM's uid, which
+    its jailed VMM opens it as, and the guest mounts it."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    with service.client(timeout=STEP_S) as api:
+        claimed = api.post("/v1/vms", json={"flavor": "cl", "wait": True}).json()
+        assert claimed["claim"] == "hit" and claimed["id"] == vms["clone"]["id"], claimed
+        attached = api.post(f"/v1/vms/{claimed['id']}/rootfs", content=buffer.getvalue(),
+                            headers={"Content-Type": "application/x-tar"})
+        assert attached.status_code == 200, attached.text
+        image = service.data_dir / "vms" / claimed["id"] / "rootfs.ext4"
+        assert image.stat().st_uid == int(status(claimed["pid"])["Uid"].split()[0])
+        assert exec_in(api, claimed["id"], ["cat", "/rootfs/hello"])["stdout"] == b"hi\n"
+
+
 def test_a_stopped_vm_leaves_no_cgroup(service, vms):
     vm = vms["cold"]
     leaf = f"/sys/fs/cgroup/pclite/{vm['id']}"
