@@ -116,8 +116,14 @@ def _renice(tid: int, above: int) -> None:
 
 
 # A warm VMM of the fork server loads the images of the server's last `run` request ahead (hypervisor/forkserver.py):
-# (spec, the files' identities, BootImages). The next `run` takes them when it asks for exactly the same.
+# (the spec's images_key(), the files' identities, BootImages). The next `run` takes them when it asks for the same.
 _PREPARED: list = []
+
+
+def images_for(spec, ahead: bool = False) -> BootImages:
+    """Start loading a `run` RunSpec's kernel and initrd (hypervisor/runspec.py) into fresh guest RAM."""
+    return BootImages(spec.kernel, spec.initrd, kernel_cmdline(spec.cmdline), spec.mem_mib << 20, spec.vcpus,
+                      spec.boot, ahead=ahead)
 
 
 def _identities(kernel: str, initrd: str | None) -> list:
@@ -131,10 +137,9 @@ def _identities(kernel: str, initrd: str | None) -> list:
     return found
 
 
-def prepare(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int, boot: str) -> None:
-    """Start loading these images into fresh guest RAM now, for a later take_prepared() with the same spec."""
-    spec = (kernel, initrd, cmdline, mem_bytes, vcpus, boot)
-    _PREPARED.append((spec, _identities(kernel, initrd), BootImages(*spec, ahead=True)))
+def prepare(spec) -> None:
+    """Start loading a `run` spec's images into fresh guest RAM now, for a later take_prepared() of an equal one."""
+    _PREPARED.append((spec.images_key(), _identities(spec.kernel, spec.initrd), images_for(spec, ahead=True)))
 
 
 def wait_prepared() -> None:
@@ -150,18 +155,24 @@ def discard_prepared() -> None:
         _PREPARED.pop()[2].discard()
 
 
-def take_prepared(kernel: str, initrd: str | None, cmdline: str, mem_bytes: int, vcpus: int,
-                  boot: str) -> BootImages | None:
-    """The images prepare() loaded for exactly this spec, from files unchanged since; else None (and the prepared
-    ones are freed)."""
+def take_prepared(spec) -> BootImages | None:
+    """The images prepare() loaded for a spec with the same images_key(), from files unchanged since; else None
+    (and the prepared ones are freed)."""
     if not _PREPARED:
         return None
-    spec, identities, images = _PREPARED.pop()
-    if spec == (kernel, initrd, cmdline, mem_bytes, vcpus, boot) and identities == _identities(kernel, initrd):
+    key, identities, images = _PREPARED.pop()
+    if key == spec.images_key() and identities == _identities(spec.kernel, spec.initrd):
         images.wanted_now()
         return images
     images.discard()
     return None
+
+
+def unpacked_cache_dir() -> str:
+    """Where host-unpacked kernels are kept (guestboot.cache.cache_root(), which this start-up path cannot import:
+    subprocess, hashlib, pathlib)."""
+    root = os.environ.get("PCLITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pclite")
+    return os.path.join(root, "unpacked")
 
 
 def unpacked_cache_file(kernel: str) -> str | None:
@@ -172,9 +183,7 @@ def unpacked_cache_file(kernel: str) -> str | None:
         stat = os.stat(kernel)
     except OSError:
         return None
-    # guestboot.cache.cache_root(), which this start-up path cannot import (subprocess, hashlib, pathlib)
-    root = os.environ.get("PCLITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pclite")
-    return os.path.join(root, "unpacked", f"{stat.st_dev:x}-{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
+    return os.path.join(unpacked_cache_dir(), f"{stat.st_dev:x}-{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
                                           ".vmlinux")
 
 

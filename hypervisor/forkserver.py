@@ -3,8 +3,11 @@ fresh VMM per request (the zygote pattern), so a new VM starts at `fork()` inste
 
   python -m hypervisor forkserver --socket PATH      (start it with hypervisor.launch.vmm_command)
 
-Each request is one connection: a JSON line {"argv": ["run", ...], "cwd": DIR, "t0": MONOTONIC} with three
-file descriptors attached (SCM_RIGHTS) that become the VMM's stdin/stdout/stderr. The server answers
+Each request is one connection: a JSON line {"spec": RUNSPEC, "cwd": DIR, "t0": MONOTONIC} (RUNSPEC: a
+hypervisor/runspec.py RunSpec's as_dict(), a `run` or a `restore`) with three file descriptors attached
+(SCM_RIGHTS) that become the VMM's stdin/stdout/stderr. A request that is not exactly that (not an object,
+unknown fields, wrong types, over MAX_REQUEST bytes, not 3 fds) gets {"error": "..."}; the server carries on, and
+every fd it received is closed whatever the outcome. The server answers
 {"pid": N} at once and {"exit_code": N} when that VMM exits; the connection then closes. The forked VMM is a
 normal VMM process (own session, own threads); its boot timeline starts at t0, the caller's request time, so
 the figures include the fork and the hand-over. The server itself stays single-threaded: forking a process that
@@ -15,8 +18,8 @@ made an empty VM with its irqchip and PIT, and waits on a socketpair. A request 
 the next warm VMM is forked once the server is idle again, so neither the fork nor KVM_CREATE_VM (~50 ms of a
 clone in the lab) is on the request's path. A warm VMM that died is replaced; without one, the server forks.
 After a `run` request the next warm VMM also starts loading that request's kernel and initrd into fresh guest RAM
-(hypervisor/boot_images.py: prepare); a `run` asking for the same images, memory and command line takes them, any
-other request frees them. Pools boot the same kernel again and again, and the copy is the slowest step left.
+(hypervisor/builder.py: prepare); a `run` whose spec has the same images_key() takes them, any other request frees
+them. Pools boot the same kernel again and again, and the copy is the slowest step left.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import socket
 import sys
 import time
 
-from hypervisor.cli_args import REQUIRED, parse_options
+from hypervisor.cli_args import REQUIRED, UsageError, parse_options
 
 OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1), "--pidns": (int, 0)}
 MAX_REQUEST = 64 << 10
@@ -50,6 +53,7 @@ def _preload() -> None:
     import hypervisor.agent_channel  # noqa: F401
     import hypervisor.api_server  # noqa: F401
     import hypervisor.boot_images  # noqa: F401
+    import hypervisor.builder  # noqa: F401
     import hypervisor.control  # noqa: F401
     import hypervisor.jail  # noqa: F401
     import hypervisor.vm  # noqa: F401
@@ -126,7 +130,7 @@ class _Warm:
     def __init__(self, enabled: bool):
         self.enabled, self.pid, self.conn = enabled, 0, None
         self.due = time.monotonic() if enabled else None  # when to fork the next one; None: not wanted now
-        self.last_run: list | None = None  # the last request's argv when it was a `run`: the next one is likely alike
+        self.last_run = None  # the last request's RunSpec when it was a `run`: the next one is likely alike
 
     def timeout(self, idle: float) -> float:
         return idle if self.due is None or self.pid else max(0.0, min(idle, self.due - time.monotonic()))
@@ -177,48 +181,107 @@ def _reap(children: dict) -> list[int]:
             conn.close()
 
 
+class _Request:
+    """A validated fork request: the VM's RunSpec, the VMM's working directory, when it was asked for, and the
+    jail plan the VMM enters (JSON, hypervisor/jail.py; None: not jailed)."""
+
+    def __init__(self, spec, cwd: str | None, t0: float, jail: str | None = None):
+        self.spec, self.cwd, self.t0, self.jail = spec, cwd, t0, jail
+
+    def encode(self) -> bytes:
+        return json.dumps({"spec": self.spec.as_dict(), "cwd": self.cwd, "t0": self.t0, "jail": self.jail}).encode()
+
+
+def parse_request(data: bytes) -> _Request:
+    """The request in `data`, or ValueError saying what is wrong with it."""
+    import math
+
+    from hypervisor.runspec import RunSpec
+    if len(data) > MAX_REQUEST:
+        raise ValueError(f"over {MAX_REQUEST} bytes")
+    try:
+        request = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise ValueError(f"want a JSON object, got {type(request).__name__}")
+    unknown = sorted(set(request) - {"spec", "cwd", "t0", "jail"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    cwd, t0 = request.get("cwd"), request.get("t0", time.monotonic())
+    if cwd is not None and not (isinstance(cwd, str) and cwd and "\0" not in cwd):
+        raise ValueError("cwd must be a directory path")
+    if isinstance(t0, bool) or not isinstance(t0, int | float) or not math.isfinite(t0):
+        raise ValueError("t0 must be a number (time.monotonic() of the request)")
+    jail = request.get("jail")
+    if jail is not None and not isinstance(jail, str):
+        raise ValueError("jail must be a JSON string (hypervisor/jail.py)")
+    try:
+        spec = RunSpec.from_json(request.get("spec"))
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    return _Request(spec, cwd, float(t0), jail)
+
+
 def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
+    fds: list[int] = []
     try:
         conn.settimeout(5)
-        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
-        request = json.loads(data)
-        if len(fds) != 3 or not isinstance(request.get("argv"), list):
-            raise ValueError("want a JSON line with argv and exactly 3 file descriptors (stdin, stdout, stderr)")
-        if not isinstance(request.get("jail") or "", str):
-            raise ValueError("jail must be a JSON string (hypervisor/jail.py)")
-    except (OSError, ValueError) as exc:
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST + 1, 3)
+        if len(fds) != 3:
+            raise ValueError("want a JSON line with the spec and exactly 3 file descriptors (stdin, stdout, stderr)")
+        request = parse_request(data)
+    except Exception as exc:  # noqa: BLE001 - whatever a request holds, it is refused and the server carries on
+        _close_all(fds)  # refused: nothing it sent stays open here
         _reply(conn, {"error": f"bad fork request: {exc}"})
         conn.close()
         return 0
-    if _preload_images(request["argv"]):
-        _freeze_heap()  # only then: freezing on every request would keep each one's cyclic garbage forever
-    warm.last_run = request["argv"] if request["argv"][:1] == ["run"] else None
-    pid, warm_conn = warm.take()
-    if warm_conn is not None:
-        try:
-            socket.send_fds(warm_conn, [data], fds)
-        except OSError:  # it died meanwhile: fork one
-            pid = 0
-        warm_conn.close()
-    if not pid:
-        pid = _fork()
-        if pid == 0:  # the new VMM
-            listener.close()
-            _become_vmm(conn, fds, request)
-            _run_vmm(request)
-    for fd in fds:
-        os.close(fd)
+    try:
+        if _preload_images(request.spec):
+            _freeze_heap()  # only then: freezing on every request would keep each one's cyclic garbage forever
+        warm.last_run = request.spec if request.spec.command == "run" else None
+        pid, warm_conn = warm.take()
+        if warm_conn is not None:
+            try:
+                socket.send_fds(warm_conn, [request.encode()], fds)
+            except OSError:  # it died meanwhile: fork one
+                pid = 0
+            warm_conn.close()
+        if not pid:
+            pid = _fork()
+            if pid == 0:  # the new VMM: never back into the server's loop
+                try:
+                    listener.close()
+                    _become_vmm(conn, fds, request)
+                except BaseException as exc:  # noqa: BLE001 - e.g. a cwd that is gone
+                    print(f"pclite: error: cannot start the VMM: {exc}", file=sys.stderr, flush=True)
+                    os._exit(1)
+                _run_vmm(request)
+    except Exception as exc:  # noqa: BLE001 - e.g. fork() out of memory or pids: this request fails, not the server
+        _reply(conn, {"error": f"cannot start the VMM: {exc}"})
+        conn.close()
+        return 0
+    finally:
+        _close_all(fds)
     conn.settimeout(None)
     _reply(conn, {"pid": pid})
     return pid
 
 
-def _run_vmm(request: dict) -> None:
-    """In a forked child: run the request's VMM command, then exit (never back into the server's loop)."""
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _run_vmm(request: _Request) -> None:
+    """In a forked child: build and run the request's VM, then exit (never back into the server's loop). The
+    timeline starts at the request's time: the figures include the fork and the hand-over."""
     code = 1
     try:
-        from hypervisor.__main__ import main
-        code = main([str(arg) for arg in request["argv"]])
+        from hypervisor.builder import run
+        from hypervisor.timeline import Timeline
+        code = run(request.spec, Timeline(origin=request.t0))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001
@@ -229,7 +292,7 @@ def _run_vmm(request: dict) -> None:
         os._exit(code)
 
 
-def _fork_warm(last_run: list | None = None) -> tuple[int, socket.socket | None]:
+def _fork_warm(last_run=None) -> tuple[int, socket.socket | None]:
     server_end, vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = _fork()
     if pid == 0:
@@ -247,7 +310,7 @@ def _fork_warm(last_run: list | None = None) -> tuple[int, socket.socket | None]
     return pid, server_end
 
 
-def _wait_as_warm(conn: socket.socket, last_run: list | None = None) -> dict | None:
+def _wait_as_warm(conn: socket.socket, last_run=None) -> _Request | None:
     """In the warm child: detach from the server, make the KVM VM and, after a `run` request, start loading that
     request's kernel and initrd into fresh guest RAM (a `run` with the same images takes them: copying them is the
     slowest step left, ~0.3-0.9 s in the lab), then wait for a request (None: the server went away). The
@@ -262,15 +325,16 @@ def _wait_as_warm(conn: socket.socket, last_run: list | None = None) -> dict | N
     except OSError as exc:  # no usable /dev/kvm: the VMM reports it in its own words when it builds
         print(f"pclite forkserver: warm VMM could not prepare KVM ({exc}); it will retry per request",
               file=sys.stderr, flush=True)
-    if last_run:
-        from hypervisor.__main__ import prepare_run
-        prepare_run([str(arg) for arg in last_run])
-    data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+    if last_run is not None:
+        from hypervisor.builder import prepare
+        prepare(last_run)
+    data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST + 1, 3)
     if not data or len(fds) != 3:
+        _close_all(fds)
         return None
-    request = json.loads(data)
+    request = parse_request(data)  # validated by the server already: this only decodes it
     conn.close()
-    if last_run and request["argv"][:1] != ["run"]:  # a clone or an exec: the images loaded ahead are not for it
+    if last_run is not None and request.spec.command != "run":  # a clone: the images loaded ahead are not for it
         from hypervisor.boot_images import discard_prepared
         discard_prepared()
     _adopt_request(fds, request)
@@ -293,19 +357,19 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _preload_images(argv: list) -> bool:
-    """Keep the kernel and initrd a request names in the server's memory: its children copy them from there.
+def _preload_images(spec) -> bool:
+    """Keep the kernel and initrd a `run` spec names in the server's memory: its children copy them from there.
     Same for a snapshot to restore: its state verified and parsed, and this host's identity to check it against.
     True when something new was kept."""
     from hypervisor.image_file import preload
     kept = False
-    for flag in ("--kernel", "--initrd"):
-        if flag in argv[:-1]:
-            with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
-                kept = preload(str(argv[argv.index(flag) + 1])) or kept
-    if argv[:1] == ["restore"] and "--from" in argv[:-1]:
+    if spec.command == "restore":
         from hypervisor.snapshot import preload_snapshot
-        kept = preload_snapshot(str(argv[argv.index("--from") + 1])) or kept
+        return preload_snapshot(spec.snapshot)
+    for path in (spec.kernel, spec.initrd):
+        if path:
+            with contextlib.suppress(OSError):  # a bad path is the child's to report, in its own words
+                kept = preload(path) or kept
     return kept
 
 
@@ -318,26 +382,23 @@ def _leave_server() -> None:
     os.setsid()
 
 
-def _become_vmm(conn: socket.socket, fds: list[int], request: dict) -> None:
+def _become_vmm(conn: socket.socket, fds: list[int], request: _Request) -> None:
     conn.close()
     _leave_server()
     _adopt_request(fds, request)
     os.closerange(3, 1 << 16)  # the server's listener, wake pipe and other callers' connections
 
 
-def _adopt_request(fds: list[int], request: dict) -> None:
-    """stdio from `fds` (if given), the request's cwd, and its t0 as the timeline's origin."""
+def _adopt_request(fds: list[int], request: _Request) -> None:
+    """stdio from `fds` (if given) and the request's cwd."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    if request.get("cwd"):
-        os.chdir(request["cwd"])
-    if request.get("jail"):  # entered by the VMM itself once it parsed its command (hypervisor/__main__.py)
-        os.environ["PCLITE_JAIL"] = request["jail"]
-    from hypervisor import __main__ as vmm_main
-    t0 = float(request.get("t0") or time.monotonic())
-    vmm_main.TIMELINE.origin = t0
-    vmm_main.TIMELINE.marks = {"process_start": t0}
+    fds.clear()  # now stdio: not to be closed again by whoever received them
+    if request.cwd:
+        os.chdir(request.cwd)
+    if request.jail:  # entered by the VMM itself before its first thread (hypervisor/builder.py)
+        os.environ["PCLITE_JAIL"] = request.jail
 
 
 def _reply(conn: socket.socket, message: dict) -> None:
@@ -391,11 +452,15 @@ def _read_line(conn: socket.socket, buffer: bytes, timeout: float | None) -> tup
     return line, rest
 
 
-def spawn(server: str, argv: list[str], stdin: int, stdout: int, stderr: int, cwd: str | None = None,
+def spawn(server: str, spec, stdin: int, stdout: int, stderr: int, cwd: str | None = None,
           jail: str | None = None) -> ForkedVmm:
-    """Ask the fork server at `server` for a VMM running `argv` (e.g. ["run", "--kernel", ...]), jailed by the
-    JSON plan `jail` (hypervisor/jail.py) when given."""
-    request = {"argv": argv, "cwd": cwd or os.getcwd(), "t0": time.monotonic(), **({"jail": jail} if jail else {})}
+    """Ask the fork server at `server` for a VMM running the VM `spec`: a hypervisor.runspec.RunSpec, or the CLI
+    options of one (["run", "--kernel", ...]: parsed here, UsageError if they are wrong; the wire carries the spec).
+    jail: the JSON plan (hypervisor/jail.py) the VMM enters before it runs anything."""
+    if isinstance(spec, list):
+        from hypervisor.runspec import RunSpec
+        spec = RunSpec.from_argv([str(arg) for arg in spec])
+    request = {"spec": spec.as_dict(), "cwd": cwd or os.getcwd(), "t0": time.monotonic(), "jail": jail}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _connect(conn, server)

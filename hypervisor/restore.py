@@ -76,15 +76,15 @@ def apply_state(machine, state: dict) -> list[str]:
     return warnings
 
 
-def machine_config(saved: dict, console_sink, agent_sink):
-    """The template's MachineConfig with this process's sinks; no kernel or initrd (nothing is loaded)."""
+def machine_config(saved: dict, console_sink, agent_sink, spec=None):
+    """The clone's MachineConfig: the template's size (its RAM and vCPU state are the snapshot's), everything else
+    from the restoring RunSpec `spec` (its disks: never a path from the snapshot), this process's sinks; no kernel
+    or initrd (nothing is loaded)."""
     from hypervisor.vm import MachineConfig
-    config = MachineConfig(kernel=None, mem_mib=saved["mem_mib"], vcpus=saved["vcpus"],
-                           console_sink=console_sink, agent_sink=agent_sink)
-    for key, value in saved.items():
-        if key not in ("kernel", "initrd") and hasattr(config, key):
-            setattr(config, key, value)
-    return config
+    drive = spec.drive("rootfs") if spec is not None else None
+    return MachineConfig(kernel=None, mem_mib=saved["mem_mib"], vcpus=saved["vcpus"], console_sink=console_sink,
+                         agent_sink=agent_sink, rootfs=drive.path if drive else None,
+                         rootfs_read_only=drive.read_only if drive else False)
 
 
 def identity_requests(hostname: str) -> list[tuple[int, bytes]]:
@@ -146,10 +146,11 @@ def _await_identity(machine, agent, tickets, timeline) -> None:
                      f"(was it taken while the agent was busy?); take a new one", 1)
 
 
-def restore(snapshot_dir: str, console_sink, timeline, hostname: str | None = None, kvm=None):
-    """Load, verify and restore `snapshot_dir`; returns the running (machine, agent channel), the agent ready and
-    the clone's identity queued ahead of any request. Raises SnapshotError (or KvmError/OSError), nothing left
-    running."""
+def restore(spec, console_sink, timeline, kvm=None):
+    """Load, verify and restore the snapshot of the `restore` RunSpec `spec` (hypervisor/builder.py calls this);
+    returns the running (machine, agent channel), the agent ready and the clone's identity queued ahead of any
+    request. Raises SnapshotError (or KvmError/OSError), nothing left running."""
+    snapshot_dir, hostname = spec.snapshot, spec.hostname
     from hypervisor.agent_channel import AgentChannel
     from hypervisor.memory import GuestMemory
     from hypervisor.vm import Machine
@@ -172,7 +173,7 @@ def restore(snapshot_dir: str, console_sink, timeline, hostname: str | None = No
         raise
     agent, machine = AgentChannel(lambda data: machine.console.push_input(data)), None
     try:
-        machine = Machine(machine_config(state["config"], console_sink, agent.feed), timeline)
+        machine = Machine(machine_config(state["config"], console_sink, agent.feed, spec), timeline)
         machine.build_restored(memory, kvm, vm)
         warnings = apply_state(machine, state)
         timeline.mark("restored")

@@ -4,10 +4,18 @@
   DIR/state.json  {"format", "version", "sha256", "state"}: sha256 is over the bytes of "state" as written
 
 "state" holds the host identity (a snapshot only restores where the same CPUID and XSAVE layout exist), the
-machine config, every vCPU (ctypes ABI structs as hex, CPUID, MSRs), the VM-wide KVM state (PIC, IOAPIC, PIT,
-kvmclock), every device that has save_state(), the agent's version and the memory layout. The memory file is
-never rewritten in place (written aside, then renamed): clones map it, and a MAP_PRIVATE mapping still sees
-changes the file takes in pages the clone has not copied yet.
+VM's size (config: mem_mib and vcpus, nothing else), every vCPU (ctypes ABI structs as hex, CPUID, MSRs), the
+VM-wide KVM state (PIC, IOAPIC, PIT, kvmclock), every device that has save_state(), the agent's version and the
+memory layout with the memory file's plain name and its digest (memory_digest), so the one checksum in the header
+covers the state and, through it, the memory. The memory file is never rewritten in place (written aside, then
+renamed): clones map it, and a MAP_PRIVATE mapping still sees changes the file takes in pages the clone has not
+copied yet.
+
+Checksums, not an HMAC with a host key: the snapshot is written by the template's VMM, and a key it could read
+would be readable by any guest that breaks into a VMM (which could then forge snapshots for every VM). The
+checksums catch a damaged or mismatched memory file; what a snapshot can do is bounded instead: it names no host
+file (a plain memory file name, no disk paths: a clone's disks come from its RunSpec), and its directory is
+pclited's own.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ except ImportError:  # Python 3.12+ names it _sha2
     from hashlib import sha256 as _sha256
 
 FORMAT = "pclite-snapshot"
-VERSION = 1
+VERSION = 2  # 2: the memory's digest in the state, config holds mem_mib and vcpus only
 STATE_FILE = "state.json"
 MEMORY_FILE = "memory"
 PAGE = 4096
@@ -156,11 +164,7 @@ def stateful_devices(machine) -> dict:
             for base, _, device in bus.devices() if hasattr(device, "save_state")}
 
 
-def saved_config(config) -> dict:
-    """The MachineConfig's plain fields (callables such as the console sink are the new process's business)."""
-    plain = (str, int, float, bool, type(None))
-    return {key: value for key, value in vars(config).items()
-            if isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, str) for v in value))}
+CONFIG_KEYS = ("mem_mib", "vcpus")  # all a clone takes from its template: everything else is the restorer's
 
 
 def check_snapshottable(machine, agent) -> None:
@@ -180,11 +184,7 @@ def capture(machine, agent) -> dict:
     msr_indices = msrs_to_save(kvm)
     has_xcrs = bool(kvm.check_extension(K.KVM_CAP_XCRS))
     vcpus = [save_vcpu(thread.vcpu, msr_indices, has_xcrs) for thread in machine.threads]
-    config = saved_config(machine.config)
-    disk = getattr(machine, "rootfs", None)
-    if disk is not None and "rootfs" in config:  # what it is now: an image may have been swapped in at run time
-        config["rootfs"] = None if disk.path == os.devnull else disk.path
-        config["rootfs_read_only"] = bool(disk.read_only)
+    config = {key: getattr(machine.config, key) for key in CONFIG_KEYS}
     return {"host": host_identity(kvm, machine.config.vcpus), "config": config,
             "vcpus": vcpus, "vm": save_vm(machine.vm),
             "devices": {key: device.save_state() for key, device in stateful_devices(machine).items()},
@@ -269,6 +269,44 @@ def write_memory(memory, path: str) -> tuple[list[list[int]], int]:
     return layout, written
 
 
+_ZERO_BLOCK = bytes(ZERO_CHUNK)
+DIGEST_READ = 16 * ZERO_CHUNK
+
+
+def memory_digest(path: str) -> str:
+    """sha256 over the memory file's non-zero ZERO_CHUNKs, each preceded by its offset (8 bytes, little-endian):
+    defined by the content alone (a hole and written zeros hash alike), and only the data extents are read.
+    OpenSSL's sha256 (hashlib): ~7x the builtin's speed on tens of MiB, which outweighs its import."""
+    import hashlib
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, offset = os.fstat(fd).st_size, 0
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == 6:  # ENXIO: nothing but holes from here on
+                    break
+                raise
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            offset = data - data % ZERO_CHUNK
+            while offset < hole:
+                block = os.pread(fd, DIGEST_READ, offset)
+                if not block:
+                    break
+                view = memoryview(block)
+                for start in range(0, len(block), ZERO_CHUNK):
+                    chunk = view[start:start + ZERO_CHUNK]
+                    if chunk != _ZERO_BLOCK[:len(chunk)]:
+                        digest.update((offset + start).to_bytes(8, "little"))
+                        digest.update(chunk)
+                offset += len(block)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
 # ---- the whole thing
 
 def take_snapshot(machine, agent, out_dir: str, resume: bool = True) -> dict:
@@ -286,7 +324,8 @@ def take_snapshot(machine, agent, out_dir: str, resume: bool = True) -> dict:
         memory_path = os.path.join(out_dir, MEMORY_FILE)
         # Written aside and renamed: clones of an older snapshot in this directory keep their own (unlinked) file.
         layout, written = write_memory(machine.memory, memory_path + ".new")
-        state["memory"] = {"file": MEMORY_FILE, "bytes": machine.memory.size, "regions": layout}
+        state["memory"] = {"file": MEMORY_FILE, "bytes": machine.memory.size, "regions": layout,
+                           "sha256": memory_digest(memory_path + ".new")}
         state_path = os.path.join(out_dir, STATE_FILE)
         with open(state_path + ".new", "wb") as out:
             out.write(state_document(state))
@@ -312,8 +351,8 @@ def _identity(snapshot_dir: str, state: dict | None = None) -> tuple:
         paths.append(os.path.join(snapshot_dir, state["memory"]["file"]))
     found = []
     for path in paths:
-        stat = os.stat(path)
-        found.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        stat = os.stat(path)  # ctime too: a writer can set mtime back, not ctime
+        found.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
     return tuple(found)
 
 
@@ -374,8 +413,9 @@ def load_snapshot(snapshot_dir: str, use_preloaded: bool = True) -> dict:
     if not isinstance(state, dict) or start < 0 or sha256_hex(raw[start + len(STATE_KEY):-1]) != document.get("sha256"):
         raise SnapshotError(f"snapshot {snapshot_dir} is corrupted (its state does not match its sha256 "
                             f"checksum): take a new snapshot")
-    memory_path = os.path.join(snapshot_dir, state["memory"]["file"])
-    expected = sum(size for _, size, _ in state["memory"]["regions"])
+    memory = _checked_layout(snapshot_dir, state)
+    memory_path = os.path.join(snapshot_dir, memory["file"])
+    expected = sum(size for _, size, _ in memory["regions"])
     try:
         actual = os.stat(memory_path).st_size
     except OSError as exc:
@@ -384,4 +424,33 @@ def load_snapshot(snapshot_dir: str, use_preloaded: bool = True) -> dict:
     if actual != expected:
         raise SnapshotError(f"snapshot memory {memory_path} is {actual} bytes, the snapshot needs {expected}: the "
                             f"file was truncated or replaced; take a new snapshot")
+    if memory_digest(memory_path) != memory.get("sha256"):
+        raise SnapshotError(f"snapshot memory {memory_path} does not match its sha256 checksum: the file was changed "
+                            f"or replaced; take a new snapshot")
     return state
+
+
+def _checked_layout(snapshot_dir: str, state: dict) -> dict:
+    """state's config and memory, checked to name no host file and no setting beyond the VM's size (a forged or
+    foreign snapshot is refused here, before anything is opened from it)."""
+    def refuse(what: str):
+        raise SnapshotError(f"snapshot {snapshot_dir} {what}: it is forged or from another pclite; take a new "
+                            f"snapshot")
+    config, memory = state.get("config"), state.get("memory")
+    if not isinstance(config, dict) or set(config) != set(CONFIG_KEYS):
+        extra = sorted(set(config) - set(CONFIG_KEYS)) if isinstance(config, dict) else config
+        refuse(f"has config keys {extra} besides {list(CONFIG_KEYS)}" if extra else "has no VM size in its config")
+    if not all(type(config[key]) is int and config[key] > 0 for key in CONFIG_KEYS):
+        refuse(f"has a bad VM size {config}")
+    if not isinstance(memory, dict) or not isinstance(memory.get("regions"), list):
+        refuse("has no memory layout")
+    name = memory.get("file")
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        refuse(f"names its memory file {name!r}, not a plain file name in the snapshot directory")
+    offset = 0
+    for region in memory["regions"]:
+        if not (isinstance(region, list) and len(region) == 3 and all(type(v) is int and v >= 0 for v in region)
+                and region[2] == offset):
+            refuse(f"has a bad memory region {region!r}")
+        offset += region[1]
+    return memory

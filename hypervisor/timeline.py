@@ -24,8 +24,9 @@ class Timeline:
     PHASES = ("process_start", "vmm_ready", "vm_created", "kernel_loaded", "first_kvm_run", "init_reached",
               "agent_ready", "stopped")
 
-    def __init__(self) -> None:
-        self.origin = process_start_monotonic()
+    def __init__(self, origin: float | None = None) -> None:
+        """origin: when the VM was asked for (a fork server's request time), else this process's start."""
+        self.origin = process_start_monotonic() if origin is None else origin
         self.marks: dict[str, float] = {"process_start": self.origin}
 
     def mark(self, name: str, when: float | None = None) -> None:

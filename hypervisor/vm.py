@@ -42,7 +42,7 @@ class MachineConfig:
         self.cmdline = cmdline
         self.mem_mib = mem_mib
         self.vcpus = vcpus
-        self.boot = boot  # auto | pvh | bzimage | unpack
+        self.boot = boot  # one of guestboot.loader.BOOT_MODES
         self.console_sink = console_sink  # callable(bytes) or None to discard
         self.extra_cmdline = [] if extra_cmdline is None else extra_cmdline
         self.agent_sink = agent_sink  # callable(bytes): what the guest writes to /dev/hvc0 (the agent channel)

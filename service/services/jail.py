@@ -65,37 +65,44 @@ class JailService:
         return {f: "on" if self.on(f) else f"off: {why or 'jail off'}" for f, why in self.features.items()}
 
     # --- per VM ---------------------------------------------------------------------------------------------
-    def plan(self, args: list[str], api_socket: str, cwd: Path, mem_mib: int | None = None,
-             vcpus: int | None = None) -> str | None:
-        """The JSON jail plan for the VMM `args` starts (hypervisor's CLI), or None with the jail off. Sets up the
-        host side: the uid, the VM's socket directory and the symlink pclited connects through."""
+    def plan(self, spec, cwd: Path, mem_mib: int | None = None) -> str | None:
+        """The JSON jail plan for the VMM of `spec` (a hypervisor.runspec.RunSpec: its host_files() say what the VM
+        needs), or None with the jail off. Sets up the host side: the uid, the VM's socket directory and the symlink
+        pclited connects through. mem_mib: a clone's guest RAM (its spec has none)."""
         if not self.enabled:
             return None
         from hypervisor.jail import JailPlan
-
-        def arg(flag: str) -> str | None:
-            return args[args.index(flag) + 1] if flag in args[:-1] else None
-
         key = str(cwd)
         uid = self._allocate(key)
-        sock_dir = cwd / SOCK_DIR
-        sock_dir.mkdir(parents=True, exist_ok=True)
-        os.chown(sock_dir, uid, uid)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(api_socket)
-        os.symlink(sock_dir / os.path.basename(api_socket), api_socket)
-        mem = mem_mib or int(arg("--mem") or 256)
-        cpus = vcpus or int(arg("--vcpus") or 1)
-        read_only = [p for p in (arg("--kernel"), arg("--initrd"), arg("--from")) if p]
+        read_only, read_write, binds, owned = [], [str(cwd)], [], [str(cwd)]
+        for item in spec.host_files():
+            path = os.path.abspath(item.path)
+            if item.what == "kvm":
+                continue  # made in the jail for the VM's uid
+            if item.what == "api-socket-dir":  # shared by every VM: each VMM sees its own in its place
+                sock_dir = cwd / SOCK_DIR
+                sock_dir.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spec.api_sock)
+                os.symlink(sock_dir / os.path.basename(spec.api_sock), spec.api_sock)
+                binds.append((str(sock_dir), path))
+                owned.append(str(sock_dir))
+            elif path == key or path.startswith(key + "/"):
+                continue  # in the VM's own directory, bound read-write already
+            elif item.writable:
+                read_write.append(path)
+            else:
+                read_only.append(path)
         cgroup = None
         if self.on("cgroup"):
             cgroup = str(self.settings.jail_cgroup / cwd.name)
             with self._lock:
                 self._cgroups[key] = cgroup
+        mem = mem_mib or spec.mem_mib or 256
+        cpus = spec.vcpus or 1
         plan = JailPlan(vm_id=cwd.name, uid=uid, gid=uid, root=str(self.settings.run_dir / "jail-root"),
-                        read_only=[os.path.abspath(p) for p in read_only], read_write=[str(cwd)],
-                        binds=[(str(sock_dir), os.path.dirname(api_socket))], owned=[str(cwd), str(sock_dir)],
-                        cgroup=cgroup, memory_max=(mem + self.settings.jail_vmm_overhead_mib) << 20,
+                        read_only=read_only, read_write=read_write, binds=binds, owned=owned, cgroup=cgroup,
+                        memory_max=(mem + self.settings.jail_vmm_overhead_mib) << 20,
                         pids_max=PIDS_BASE + PIDS_PER_VCPU * cpus, cpu_weight=max(1, min(10000, 100 * cpus)),
                         mount=self.on("mountns"), net=self.on("netns"))
         (self.settings.run_dir / "jail-root").mkdir(exist_ok=True)

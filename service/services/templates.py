@@ -241,8 +241,8 @@ class TemplateManager:
 
     async def _boot_and_snapshot(self, flavor: Flavor, vm, work: Path) -> dict:
         launcher = self.rt.launcher
-        args = launcher.boot_args(flavor, vm.api_socket, vm.console_path, detach=False)  # dies with pclited
-        proc = await blocking(launcher.start_process, args, vm.api_socket, work, work / "vmm.log")
+        spec = launcher.boot_spec(flavor, vm.api_socket, vm.console_path, detach=False)  # dies with pclited
+        proc = await blocking(launcher.start_process, spec, work, work / "vmm.log")
         vm.pid = proc.pid
         launcher.children[vm.id] = proc
         client = launcher.client(vm, timeout=10.0)

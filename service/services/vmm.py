@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -243,13 +242,16 @@ class Launcher:
                 self._defaults = (str(image), str(build_initramfs()))
             return self._defaults
 
-    def boot_args(self, flavor: Flavor, api_socket: str, console_path: str, detach: bool) -> list[str]:
-        """`run` arguments that cold-boot the flavor (pool VMs and template VMs alike)."""
+    def boot_spec(self, flavor: Flavor, api_socket: str, console_path: str, detach: bool, *,
+                  mem_mib: int | None = None, vcpus: int | None = None):
+        """The RunSpec that cold-boots the flavor (pool VMs and template VMs alike); mem_mib/vcpus: a VM row's own
+        size, else the flavor's."""
+        from hypervisor.runspec import RunSpec
         kernel, initrd = self.boot_files(flavor)
-        cmdline = f"{BASE_CMDLINE} {flavor.cmdline_extra}".strip()
-        args = ["run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline, "--mem", str(flavor.mem_mib),
-                "--vcpus", str(flavor.vcpus), "--api-sock", api_socket, "--console", console_path, "--timeline"]
-        return args + (["--detach"] if detach else [])
+        return RunSpec("run", kernel=kernel, initrd=initrd, cmdline=f"{BASE_CMDLINE} {flavor.cmdline_extra}".strip(),
+                       mem_mib=flavor.mem_mib if mem_mib is None else mem_mib,
+                       vcpus=flavor.vcpus if vcpus is None else vcpus, api_sock=api_socket, console=console_path,
+                       timeline=True, detach=detach)
 
     def boot_files(self, flavor: Flavor) -> tuple[str, str]:
         kernel, initrd = flavor.kernel, flavor.initrd
@@ -258,16 +260,16 @@ class Launcher:
             kernel, initrd = kernel or default_kernel, initrd or default_initrd
         return kernel, initrd
 
-    def vmm_args(self, vm: VM, flavor: Flavor) -> list[str]:
+    def vm_spec(self, vm: VM, flavor: Flavor):
+        """The RunSpec of a VM row: a clone of its template, else a cold boot of its own size (its row's, which is
+        the flavor's of its generation)."""
         # Detached, a VMM outlives a pclited restart and is adopted; otherwise it stops when pclited exits.
-        detach = ["--detach"] if self.settings.vmm_detach else []
+        detach = self.settings.vmm_detach
         if vm.source == CLONE:  # the clone's own host name: the VM id (the template's is everybody's)
-            return ["restore", "--from", str(self.settings.templates_dir / vm.template), "--api-sock", vm.api_socket,
-                    "--console", vm.console_path, "--hostname", vm.id, "--timeline", *detach]
-        # The VM's own size (its row), which is the flavor's of its generation.
-        args = self.boot_args(flavor, vm.api_socket, vm.console_path, False)
-        args[args.index("--mem") + 1], args[args.index("--vcpus") + 1] = str(vm.mem_mib), str(vm.vcpus)
-        return args + detach
+            from hypervisor.runspec import RunSpec
+            return RunSpec("restore", snapshot=str(self.settings.templates_dir / vm.template), api_sock=vm.api_socket,
+                           console=vm.console_path, hostname=vm.id, timeline=True, detach=detach)
+        return self.boot_spec(flavor, vm.api_socket, vm.console_path, detach, mem_mib=vm.mem_mib, vcpus=vm.vcpus)
 
     def forkserver(self) -> str | None:
         """The VMM fork server's socket, starting the server when needed; None when disabled or not up (yet).
@@ -302,46 +304,43 @@ class Launcher:
     def spawn(self, vm: VM, flavor: Flavor):
         """Start the VM's VMM (forked by the fork server when it is up, else a fresh process); returns a
         Popen-like object (pid, poll)."""
-        args = self.vmm_args(vm, flavor)
         vm_dir = Path(vm.console_path).parent
-        proc = self.start_process(args, vm.api_socket, vm_dir, vm_dir / VMM_LOG, vm.mem_mib, vm.vcpus)
+        proc = self.start_process(self.vm_spec(vm, flavor), vm_dir, vm_dir / VMM_LOG, vm.mem_mib)
         self.children[vm.id] = proc
         niced = bool(vm.pooled and self.refill_nice and set_nice(proc.pid, self.refill_nice))
         log.info("started VMM pid %d for %s (%s)%s", proc.pid, vm.id, vm.source,
                  f" at nice {self.refill_nice}" if niced else "")
         return proc
 
-    def start_process(self, args: list[str], api_socket: str, cwd: Path, log_path: Path, mem_mib: int | None = None,
-                      vcpus: int | None = None):
-        """A VMM process for `args` (hypervisor's CLI), its output appended to log_path, jailed when the jail is on
-        (cwd is the VM's own directory)."""
+    def start_process(self, spec, cwd: Path, log_path: Path, mem_mib: int | None = None):
+        """A VMM process for the RunSpec `spec` (forked by the fork server when it is up, else a fresh process with
+        the spec's command line), its output appended to log_path, jailed when the jail is on (cwd: the VM's own
+        directory; mem_mib: a clone's guest RAM, which its spec does not say)."""
         cwd.mkdir(parents=True, exist_ok=True)
-        Path(api_socket).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec.api_sock).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(api_socket)
-        jail = self.jails.plan(args, api_socket, cwd, mem_mib, vcpus)
+            os.unlink(spec.api_sock)
+        jail = self.jails.plan(spec, cwd, mem_mib)
         server = self.forkserver()
         with open(log_path, "ab") as out:
             if server:
                 from hypervisor.forkserver import ForkServerError, spawn
                 try:  # the forked VMM gets its own session too
                     with open(os.devnull, "rb") as devnull:
-                        return spawn(server, args, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd),
+                        return spawn(server, spec, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd),
                                      jail=jail)
                 except ForkServerError as exc:
                     log.warning("VMM fork server: %s; starting a fresh VMM process instead", exc)
-            try:
-                from hypervisor.launch import vmm_command  # the lean interpreter start (skips site)
-                argv = vmm_command(args)
-            except ImportError:
-                argv = [sys.executable, "-m", "hypervisor", *args]
+            # The lean interpreter start (skips site); `hypervisor` and `--api-sock` stay argv elements for the
+            # /proc scans (scan_vmms, is_vmm).
+            from hypervisor.jail import pid_namespace_for_next_child
+            from hypervisor.launch import vmm_command
             env = {**os.environ, "PCLITE_JAIL": jail} if jail else None
             # A pid namespace only for a detached VMM: one that watches its parent needs to see it.
-            from hypervisor.jail import pid_namespace_for_next_child
-            with pid_namespace_for_next_child(bool(jail) and self.jails.on("pidns") and "--detach" in args):
+            with pid_namespace_for_next_child(bool(jail) and self.jails.on("pidns") and spec.detach):
                 # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
-                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
-                                        start_new_session=True, close_fds=True, env=env)
+                return subprocess.Popen(vmm_command(spec.to_argv()), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=out, cwd=cwd, start_new_session=True, close_fds=True, env=env)
 
     def foreground(self, vm: VM) -> None:
         """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill, of this

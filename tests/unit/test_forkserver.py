@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from hypervisor.cli_args import UsageError
 from hypervisor.forkserver import ForkServerError, spawn
 from hypervisor.launch import vmm_command
+from hypervisor.runspec import RunSpec
 
 
 def _start(tmp_path, *extra):
@@ -84,31 +86,68 @@ def test_forked_vmm_reports_its_error_and_exit_code(server):
     assert time.monotonic() - started < 2  # no interpreter start: a fork
 
 
-def test_usage_error_exit_code_and_many_children(server):
-    vms = [_spawn(server, ["run", "--bogus"]) for _ in range(10)]
-    assert [vm.wait(10) for vm, _ in vms] == [2] * 10
-    assert all(b"unknown option '--bogus'" in _drain(out) for _, out in vms)
+def test_many_children_and_options_checked_by_the_caller(server):
+    vms = [_spawn(server, RunSpec("run", kernel=f"/nonexistent/{n}")) for n in range(10)]
+    assert [vm.wait(10) for vm, _ in vms] == [1] * 10
+    assert all(b"does not exist" in _drain(out) for _, out in vms)
+    with pytest.raises(UsageError, match="unknown option '--bogus'"):  # CLI options become a spec before the wire
+        spawn(server, ["run", "--bogus"], 0, 1, 2)
 
 
 def test_poll_before_exit_is_none(server, tmp_path):
-    # exec a command through a socket that nothing serves: the child fails, but only after we polled
-    vm, out = _spawn(server, ["exec", "--api-sock", str(tmp_path / "none.sock"), "--", "true"])
-    code = vm.poll()
-    assert code in (None, 125)
-    assert vm.wait(10) == 125 and b"no VMM at" in _drain(out)
+    vm, out = _spawn(server, ["run", "--kernel", "/nonexistent/vmlinux"])
+    assert vm.poll() in (None, 1)
+    assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
+
+
+def _request(server, payload: bytes, fds=()) -> dict:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(server)
+        socket.send_fds(conn, [payload], list(fds)) if fds else conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        return json.loads(conn.makefile("rb").readline())
 
 
 def test_bad_request_is_refused_with_a_reason(server):
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(server)
-        conn.sendall(json.dumps({"argv": ["run"]}).encode())  # no fds attached
-        reply = json.loads(conn.makefile("rb").readline())
-    assert "exactly 3 file descriptors" in reply["error"]
+    assert "exactly 3 file descriptors" in _request(server, json.dumps({"spec": {}}).encode())["error"]
+
+
+def _fd_count(pid: int, settled: int | None = None) -> int:
+    """Its open fds; `settled`: the count expected once the last refused connection is closed (just after the reply)."""
+    deadline = time.monotonic() + 2
+    while (count := len(os.listdir(f"/proc/{pid}/fd"))) != settled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count
+
+
+def test_bad_requests_with_fds_are_refused_and_leave_no_fd_behind(tmp_path):
+    path, proc = _start(tmp_path, "--warm", "0")
+    good = RunSpec("run", kernel="/nonexistent/vmlinux").as_dict()
+    bad = [b"[]", b"42", b"null", b"{not json", b"[" * 100000, b"x" * (70 << 10)] + [json.dumps(r).encode() for r in (
+        {"argv": ["run"]}, {"spec": good, "extra": 1}, {"spec": {**good, "mem_mib": "256"}},
+        {"spec": {**good, "vcpus": True}}, {"spec": {**good, "kernel": None}}, {"spec": {**good, "snapshot": "/x"}},
+        {"spec": {**good, "boot": "bios"}}, {"spec": {**good, "drives": [{"slot": "swap", "path": "/x"}]}},
+        {"spec": {**good, "drives": "rootfs"}}, {"spec": good, "t0": "now"}, {"spec": good, "cwd": 7},
+        {"spec": {**good, "command": "exec"}}, {"spec": [good]})]
+    try:
+        time.sleep(0.3)
+        before = _fd_count(proc.pid)
+        for n in range(100):
+            payload = bad[n % len(bad)]
+            reply = _request(path, payload[:60 << 10] if n % 2 else payload, [0, 1, 2])
+            assert reply["error"].startswith("bad fork request: "), (payload[:80], reply)
+            assert "\n" not in reply["error"]
+        assert proc.poll() is None and _fd_count(proc.pid, before) == before
+        vm, out = _spawn(path, RunSpec("run", kernel="/nonexistent/vmlinux"))  # still serving
+        assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
+        assert _fd_count(proc.pid, before) == before
+    finally:
+        _stop(path, proc)
 
 
 def test_missing_server_says_how_to_start_one(tmp_path):
     with pytest.raises(ForkServerError, match="python -m hypervisor forkserver --socket"):
-        spawn(str(tmp_path / "nope.sock"), ["run"], 0, 1, 2)
+        spawn(str(tmp_path / "nope.sock"), ["run", "--kernel", "k"], 0, 1, 2)
 
 
 def test_preloaded_image_is_served_from_memory_until_the_file_changes(tmp_path):
@@ -141,8 +180,8 @@ def test_requests_go_to_a_warm_vmm_with_its_kvm_vm_made_ahead(tmp_path):
             assert vm.wait(10) == 1 and b"kernel /nonexistent/vmlinux does not exist" in _drain(out)
         os.kill(_warm_child(proc.pid), 9)  # a warm VMM that dies unused: requests are forked meanwhile
         time.sleep(0.2)
-        vm, out = _spawn(path, ["run", "--bogus"])
-        assert vm.wait(10) == 2 and b"unknown option '--bogus'" in _drain(out)
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/other"])
+        assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
     finally:
         _stop(path, proc)
     assert b"exited before use" in proc.stderr.read()
@@ -153,8 +192,8 @@ def test_without_warm_vmms_nothing_waits_ahead(tmp_path):
     try:
         time.sleep(0.5)
         assert _children(proc.pid) == []
-        vm, out = _spawn(path, ["run", "--bogus"])
-        assert vm.wait(10) == 2 and b"unknown option '--bogus'" in _drain(out)
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/other"])
+        assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
     finally:
         _stop(path, proc)
 
@@ -185,15 +224,14 @@ def test_after_a_run_the_warm_vmm_loads_its_images_ahead(tmp_path):
         assert vm.pid == second and vm.wait(10) == 1 and b"kernel /nonexistent/vmlinux does not exist" in _drain(out)
         third = _warm_child_other_than(proc.pid, second)
         assert 77 << 20 in _anonymous_mappings(third)
-        with socket.socket(socket.AF_UNIX) as silent:  # an API that never answers: the exec VMM stays a while
-            silent.bind(str(tmp_path / "silent.sock"))
-            silent.listen()
-            vm, out = _spawn(path, ["exec", "--api-sock", str(tmp_path / "silent.sock"), "--timeout", "3", "--",
-                                    "true"])
-            assert vm.pid == third
-            time.sleep(0.5)
-            assert 77 << 20 not in _anonymous_mappings(third)  # a request that is not a run frees them at once
-        vm.wait(20)
+        console = tmp_path / "console.fifo"  # a clone that blocks opening its console until we read it
+        os.mkfifo(console)
+        vm, out = _spawn(path, ["restore", "--from", str(tmp_path / "nosnap"), "--console", str(console)])
+        assert vm.pid == third
+        time.sleep(0.5)
+        assert 77 << 20 not in _anonymous_mappings(third)  # a request that is not a run frees them at once
+        with open(console, "rb"):
+            assert vm.wait(20) == 1 and b"is not a snapshot" in _drain(out)
         fourth = _warm_child_other_than(proc.pid, third)
         assert 77 << 20 not in _anonymous_mappings(fourth)  # after another kind of request: nothing loaded ahead
     finally:
@@ -207,3 +245,19 @@ def _warm_child_other_than(server_pid: int, old: int) -> int:
         time.sleep(0.02)
     time.sleep(0.3)  # its images are mapped right after its KVM VM
     return child
+
+
+def test_a_child_that_cannot_start_exits_1_and_the_server_serves_on(tmp_path):
+    path, proc = _start(tmp_path, "--warm", "0")
+    try:
+        read_end, write_end = os.pipe()
+        vm = spawn(path, RunSpec("run", kernel="/nonexistent/vmlinux"), 0, write_end, write_end,
+                   cwd=str(tmp_path / "gone"))
+        os.close(write_end)
+        assert vm.wait(10) == 1 and b"cannot start the VMM" in _drain(read_end)
+        time.sleep(0.3)
+        assert _children(proc.pid) == []  # the failed child did not carry on as a second server
+        vm, out = _spawn(path, ["run", "--kernel", "/nonexistent/vmlinux"])
+        assert vm.wait(10) == 1 and b"does not exist" in _drain(out)
+    finally:
+        _stop(path, proc)

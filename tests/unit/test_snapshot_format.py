@@ -40,7 +40,8 @@ def write_snapshot(machine, agent, out_dir) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     state = S.capture(machine, agent)
     layout, _ = S.write_memory(machine.memory, os.path.join(out_dir, S.MEMORY_FILE))
-    state["memory"] = {"file": S.MEMORY_FILE, "bytes": machine.memory.size, "regions": layout}
+    state["memory"] = {"file": S.MEMORY_FILE, "bytes": machine.memory.size, "regions": layout,
+                       "sha256": S.memory_digest(os.path.join(out_dir, S.MEMORY_FILE))}
     rewrite(out_dir, state)
     return state
 
@@ -50,11 +51,11 @@ def rewrite(out_dir, state, version=S.VERSION) -> None:
         out.write(S.state_document(state, version))
 
 
-def restored(snapshot_dir):
+def restored(snapshot_dir, spec=None):
     state = S.load_snapshot(snapshot_dir)
     memory = GuestMemory.from_file(os.path.join(snapshot_dir, "memory"),
                                    [tuple(r) for r in state["memory"]["regions"]])
-    machine = Machine(machine_config(state["config"], None, None)).build_restored(memory)
+    machine = Machine(machine_config(state["config"], None, None, spec)).build_restored(memory)
     return machine, apply_state(machine, state)
 
 
@@ -114,7 +115,8 @@ def test_a_clone_can_be_snapshotted_with_what_it_never_touched(template, tmp_pat
         grandchild.close()
 
 
-def test_a_read_only_disk_swapped_in_comes_back_and_a_writable_one_is_refused(template, tmp_path):
+def test_a_clone_gets_the_disks_its_spec_names_never_the_snapshots(template, tmp_path):
+    from hypervisor.runspec import Drive, RunSpec
     machine, agent = template
     image = tmp_path / "rootfs.img"
     image.write_bytes(b"\xab" * 4096)
@@ -122,7 +124,15 @@ def test_a_read_only_disk_swapped_in_comes_back_and_a_writable_one_is_refused(te
     write_snapshot(machine, agent, tmp_path / "snap")
     clone, _ = restored(tmp_path / "snap")
     try:
-        assert (clone.rootfs.path, clone.rootfs.read_only, clone.rootfs.capacity) == (str(image), True, 8)
+        assert (clone.rootfs.path, clone.rootfs.capacity) == (os.devnull, 0)  # the template's disk is not taken
+    finally:
+        clone.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\xcd" * 8192)
+    spec = RunSpec("restore", snapshot=str(tmp_path / "snap"), drives=(Drive("rootfs", str(other), True),))
+    clone, _ = restored(tmp_path / "snap", spec)
+    try:
+        assert (clone.rootfs.path, clone.rootfs.read_only, clone.rootfs.capacity) == (str(other), True, 16)
     finally:
         clone.close()
     machine.rootfs.swap_backing(image, read_only=False)
@@ -221,6 +231,59 @@ def test_restore_cli_refuses_with_one_line_and_exit_1(template, tmp_path):
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "format version 99" in out.stderr
     assert not sock.exists()
+
+
+def _forged(snap, edit) -> None:
+    """The snapshot with its state edited and its checksum made to match (a forger can compute a sha256)."""
+    raw = (snap / S.STATE_FILE).read_bytes()
+    state = json.loads(raw)["state"]
+    edit(state)
+    (snap / S.STATE_FILE).write_bytes(S.state_document(state))
+
+
+@pytest.mark.parametrize("forgery, message", [
+    (lambda state: state["memory"].update(file="../x"), "names its memory file '../x', not a plain file name"),
+    (lambda state: state["memory"].update(file="/etc/passwd"), "not a plain file name"),
+    (lambda state: state["config"].update(rootfs="/etc/shadow", rootfs_read_only=False),
+     "config keys ['rootfs', 'rootfs_read_only']"),
+    (lambda state: state["config"].update(vcpus="2"), "bad VM size"),
+    (lambda state: state["memory"]["regions"][0].__setitem__(2, 4096), "bad memory region"),
+    (lambda state: state["memory"].update(sha256="0" * 64), "does not match its sha256 checksum"),
+    (None, "does not match its sha256 checksum"),  # one byte of guest RAM changed behind the state's back
+])
+def test_forged_snapshots_are_refused_with_one_line_and_exit_1(template, tmp_path, forgery, message):
+    snap = tmp_path / "snap"
+    write_snapshot(*template, snap)
+    (tmp_path / "x").write_bytes(bytes(64 << 20))
+    if forgery:
+        _forged(snap, forgery)
+    else:
+        with open(snap / S.MEMORY_FILE, "r+b") as memory:
+            memory.seek(MARK_GPA)
+            memory.write(b"W")
+    with pytest.raises(S.SnapshotError, match="forged|checksum"):
+        S.load_snapshot(str(snap))
+    sock = tmp_path / "clone.sock"
+    out = subprocess.run(vmm_command(["restore", "--from", str(snap), "--api-sock", str(sock), "--console", "none"]),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("pclite: error: ") and out.stderr.strip().count("\n") == 0, out.stderr
+    assert message in out.stderr and "take a new snapshot" in out.stderr
+    assert not sock.exists()
+
+
+def test_memory_digest_is_defined_by_content_not_holes(tmp_path):
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    with open(sparse, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(3 << 20)
+        f.write(b"data")
+    dense.write_bytes(bytes(3 << 20) + b"data" + bytes((1 << 20) - 4))
+    assert S.memory_digest(str(sparse)) == S.memory_digest(str(dense))
+    with open(dense, "r+b") as f:
+        f.seek(5)
+        f.write(b"\x01")
+    assert S.memory_digest(str(sparse)) != S.memory_digest(str(dense))
 
 
 def test_restore_cli_usage(tmp_path):

@@ -17,7 +17,7 @@ def vmm(*args, timeout=30):
     (["run", "--kernel", "/nonexistent"], "kernel /nonexistent does not exist"),
     (["run", "--kernel", "JUNK", "--vcpus", "0"], "--vcpus must be 1..64"),
     (["run", "--kernel", "JUNK", "--mem", "8"], "--mem must be at least 32 MiB"),
-    (["run", "--kernel", "JUNK", "--boot", "bios"], "--boot must be auto, pvh, bzimage or unpack"),
+    (["run", "--kernel", "JUNK", "--boot", "bios"], "--boot must be one of auto, pvh, bzimage, unpack"),
     (["run", "--kernel", "JUNK"], "not a bzImage: boot_flag at 0x1FE is 0x0000"),
 ])
 def test_bad_invocations_fail_with_one_clear_line(args, message, tmp_path):

@@ -20,8 +20,9 @@ from hypervisor.memory import GuestMemory
 # in the lab; the `run` path must not pull any of them in before the first KVM_RUN.
 HEAVY = {"dataclasses", "inspect", "enum", "signal", "logging", "typing", "re", "pathlib", "subprocess", "queue",
          "contextlib", "weakref", "tempfile", "shutil", "hashlib", "ast", "tokenize", "site"}
-RUN_PATH = ("hypervisor.__main__", "hypervisor.vm", "hypervisor.agent_channel", "hypervisor.virtio.mmio",
-            "hypervisor.virtio.console", "hypervisor.virtio.rng", "hypervisor.virtio.blk")
+RUN_PATH = ("hypervisor.__main__", "hypervisor.builder", "hypervisor.runspec", "hypervisor.vm",
+            "hypervisor.agent_channel", "hypervisor.virtio.mmio", "hypervisor.virtio.console", "hypervisor.virtio.rng",
+            "hypervisor.virtio.blk")
 
 
 def test_launcher_starts_the_vmm_from_anywhere_without_site(tmp_path):
@@ -131,15 +132,16 @@ def test_a_host_unpacked_bzimage_is_kept_for_the_next_vm(images, tmp_path, monke
 
 def test_images_prepared_ahead_serve_only_the_same_request_on_unchanged_files(images, tmp_path):
     from hypervisor import boot_images
+    from hypervisor.runspec import RunSpec
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(images.elf())
-    spec = (str(kernel), None, kernel_cmdline("console=ttyS0"), 64 << 20, 1, "auto")
-    boot_images.prepare(*spec)
-    prepared = boot_images.take_prepared(*spec)
+    spec = RunSpec("run", kernel=str(kernel), cmdline="console=ttyS0", mem_mib=64)
+    boot_images.prepare(spec)
+    prepared = boot_images.take_prepared(spec.replace(api_sock="/elsewhere.sock", console="none"))  # not loaded
     assert prepared is not None and prepared.result().kernel_format == "elf-pvh"
-    assert boot_images.take_prepared(*spec) is None  # once
-    boot_images.prepare(*spec)
-    assert boot_images.take_prepared(*spec[:3], 128 << 20, 1, "auto") is None  # another size: freed, not used
-    boot_images.prepare(*spec)
+    assert boot_images.take_prepared(spec) is None  # once
+    boot_images.prepare(spec)
+    assert boot_images.take_prepared(spec.replace(mem_mib=128)) is None  # another size: freed, not used
+    boot_images.prepare(spec)
     os.utime(kernel, ns=(1, 1))  # the kernel changed since
-    assert boot_images.take_prepared(*spec) is None and boot_images._PREPARED == []
+    assert boot_images.take_prepared(spec) is None and boot_images._PREPARED == []
