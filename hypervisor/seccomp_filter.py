@@ -90,6 +90,21 @@ def bindings():
         sys.path.remove(SYSTEM_DIST_PACKAGES)
 
 
+def unavailable_reason() -> str | None:
+    """None when install() can work here, else why not, in one line (for pclited's jail feature report)."""
+    try:
+        bindings()
+    except SeccompUnavailable as exc:
+        return str(exc.strerror or exc)
+    try:
+        with open("/proc/self/status", "rb") as f:
+            if not any(line.startswith(b"Seccomp_filters:") or line.startswith(b"Seccomp:") for line in f):
+                return "this kernel has no seccomp (CONFIG_SECCOMP_FILTER)"
+    except OSError:
+        pass
+    return None
+
+
 def ioctl_requests() -> dict[str, int]:
     found = {name: getattr(K, name) for name in KVM_IOCTLS}
     found.update(OTHER_IOCTLS)

@@ -144,3 +144,15 @@ def test_the_lists_name_real_syscalls_and_ioctls():
     for name in KVM_IOCTLS:
         assert (getattr(K, name) >> 8) & 0xFF == K.KVMIO, name
     assert not {"KVM_CREATE_VM", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION"} & set(KVM_IOCTLS)
+
+
+def test_unavailable_bindings_are_one_clear_line(monkeypatch):
+    from hypervisor import seccomp_filter
+    assert seccomp_filter.unavailable_reason() is None
+    monkeypatch.setattr(seccomp_filter, "SYSTEM_DIST_PACKAGES", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "seccomp", None)  # as if python3-seccomp were not installed
+    reason = seccomp_filter.unavailable_reason()
+    assert reason and "python3-seccomp" in reason and "\n" not in reason
+    with pytest.raises(seccomp_filter.SeccompUnavailable, match="python3-seccomp"):
+        seccomp_filter.install()
+    assert not seccomp_filter.installed()
