@@ -135,6 +135,10 @@ class Controller:
         if action == "shutdown":
             threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
             return Response(204)
+        if action == "test-denied-syscall" and os.environ.get("PCLITE_TEST_HOOKS") == "1":
+            from hypervisor.seccomp_filter import make_denied_syscall
+            make_denied_syscall()  # under the seccomp filter the VMM dies here, of SIGSYS
+            return Response(204)
         raise HttpError(400, f"unknown action {action!r}: use shutdown, pause or resume")
 
     def _shutdown(self) -> None:

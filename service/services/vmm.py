@@ -383,6 +383,8 @@ class Launcher:
             except ValueError:
                 name = f"signal {-code}"
             what = f"VMM killed by signal {-code} ({name})"
+            if -code == signal.SIGSYS:  # the reason starts with the word `seccomp`: clients match on it
+                what = f"seccomp: {what}: it made a syscall outside its allow-list (hypervisor/seccomp_filter.py)"
         else:
             what = f"VMM exited with code {code}"
         detail = self.log_reason(vm)
