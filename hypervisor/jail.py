@@ -50,12 +50,14 @@ class JailPlan:
     binds: (host source, path inside) pairs, read-write: e.g. a per-VM socket directory shown at the path where
     the VMM binds its API socket. owned: host paths chowned to uid:gid first (what the VMM must write).
     cgroup: the leaf's path (None: no cgroup); mount / net: those namespaces on or off (a service without the
-    privilege turns them off and says so). A plain class, not a dataclass: dataclasses costs VMM start-up.
+    privilege turns them off and says so); seccomp: the VMM installs hypervisor/seccomp_filter.py as the jail's
+    last step, once its VM exists (hypervisor/builder.py), not here. A plain class, not a dataclass: importing
+    dataclasses costs VMM start-up.
     """
 
     FIELDS = {"vm_id": None, "uid": None, "gid": None, "root": None, "read_only": (), "read_write": (), "binds": (),
               "owned": (), "cgroup": None, "memory_max": None, "pids_max": None, "cpu_weight": None, "mount": True,
-              "net": True, "devices": ("/dev/kvm",)}
+              "net": True, "devices": ("/dev/kvm",), "seccomp": False}
     __slots__ = tuple(FIELDS)
 
     def __init__(self, **values):
@@ -359,11 +361,8 @@ def available_features(cgroup_parent: str | None = None) -> dict[str, str | None
         "mountns": need_admin, "pidns": need_admin, "netns": need_admin,
     }
     reasons["cgroup"] = need_admin or (cgroup_parent_ready(cgroup_parent) if cgroup_parent else "no cgroup parent")
-    try:
-        from hypervisor import seccomp_filter  # noqa: F401 - helper F2's module, when merged
-        reasons["seccomp"] = None
-    except ImportError:
-        reasons["seccomp"] = "no seccomp filter in this build"
+    from hypervisor.seccomp_filter import unavailable_reason
+    reasons["seccomp"] = unavailable_reason()
     return reasons
 
 

@@ -104,7 +104,7 @@ class JailService:
                         read_only=read_only, read_write=read_write, binds=binds, owned=owned, cgroup=cgroup,
                         memory_max=(mem + self.settings.jail_vmm_overhead_mib) << 20,
                         pids_max=PIDS_BASE + PIDS_PER_VCPU * cpus, cpu_weight=max(1, min(10000, 100 * cpus)),
-                        mount=self.on("mountns"), net=self.on("netns"))
+                        mount=self.on("mountns"), net=self.on("netns"), seccomp=self.on("seccomp"))
         (self.settings.run_dir / "jail-root").mkdir(exist_ok=True)
         return plan.to_json()
 

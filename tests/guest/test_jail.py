@@ -34,7 +34,7 @@ def ns(pid: int, kind: str) -> str:
 
 @pytest.fixture(scope="module")
 def service():
-    with running_pclited(**SETTINGS) as svc:
+    with running_pclited(start_timeout_s=600, **SETTINGS) as svc:  # a lab on a busy host starts slowly
         yield svc
 
 
