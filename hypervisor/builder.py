@@ -165,6 +165,12 @@ def _jail_self(spec, timeline) -> None:
     wait_prepared()  # a warm VMM's load ahead: its thread must be done before the process may unshare
     try:
         plan = jail.JailPlan.from_json(text)
+        if plan.seccomp:  # libseccomp's bindings live outside what the jail shows: imported now
+            from hypervisor.seccomp_filter import SeccompUnavailable, bindings
+            try:
+                bindings()
+            except SeccompUnavailable as exc:
+                raise jail.JailError(str(exc)) from None
         jail.enter(plan)
     except jail.JailError as exc:
         print(f"pclite: error: {exc}", file=sys.stderr)
