@@ -155,9 +155,9 @@ def filter_syscalls() -> None:
 
 
 def _jail_self(spec, timeline) -> None:
-    """Enter the jail pclited planned for this VMM (PCLITE_JAIL, JSON: hypervisor/jail.py), if any; a jail that
+    """Enter the jail pclited planned for this VMM (PCLITE_JAIL_PLAN, JSON: hypervisor/jail.py), if any; a jail that
     cannot be set up stops the VMM (exit 1, one line) rather than run it unjailed."""
-    text = os.environ.pop("PCLITE_JAIL", None)
+    text = os.environ.pop("PCLITE_JAIL_PLAN", None)
     if not text:
         return
     from hypervisor import jail

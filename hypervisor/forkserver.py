@@ -398,7 +398,7 @@ def _adopt_request(fds: list[int], request: _Request) -> None:
     if request.cwd:
         os.chdir(request.cwd)
     if request.jail:  # entered by the VMM itself before its first thread (hypervisor/builder.py)
-        os.environ["PCLITE_JAIL"] = request.jail
+        os.environ["PCLITE_JAIL_PLAN"] = request.jail
 
 
 def _reply(conn: socket.socket, message: dict) -> None:

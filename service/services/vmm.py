@@ -335,7 +335,8 @@ class Launcher:
             # /proc scans (scan_vmms, is_vmm).
             from hypervisor.jail import pid_namespace_for_next_child
             from hypervisor.launch import vmm_command
-            env = {**os.environ, "PCLITE_JAIL": jail} if jail else None
+            # Not PCLITE_JAIL: that is pclited's own setting, which the VMM inherits.
+            env = {**os.environ, "PCLITE_JAIL_PLAN": jail} if jail else None
             # A pid namespace only for a detached VMM: one that watches its parent needs to see it.
             with pid_namespace_for_next_child(bool(jail) and self.jails.on("pidns") and spec.detach):
                 # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
