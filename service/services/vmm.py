@@ -462,6 +462,8 @@ class Launcher:
                 time.sleep(0.02)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+        if os.path.dirname(socket_path) == str(self.settings.run_dir):  # a pool VM's: its cgroup leaf goes too
+            self.jails.release(self.settings.vm_dir / Path(socket_path).stem, wait_s=0.5)
 
     def cleanup(self, vm: VM) -> None:
         with contextlib.suppress(FileNotFoundError):
