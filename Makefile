@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 busybox-static linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio \
-                e2fsprogs postgresql gcc libc6-dev make xz-utils prometheus containerd runc
+                e2fsprogs postgresql gcc libc6-dev make xz-utils prometheus containerd runc \
+                python3-seccomp
 
 .PHONY: all deps venv kernel initramfs artifacts lab test test-host test-guest bench run lint clean
 all: artifacts

@@ -142,6 +142,13 @@ def prepare(spec) -> None:
     _PREPARED.append((spec.images_key(), _identities(spec.kernel, spec.initrd), images_for(spec, ahead=True)))
 
 
+def wait_prepared() -> None:
+    """Wait until every load started ahead is done (its thread ended): before a warm VMM jails itself."""
+    for _, _, images in _PREPARED:
+        if images._thread is not None:
+            images._thread.join()
+
+
 def discard_prepared() -> None:
     """The request is not a `run`: free what was loaded ahead for one."""
     while _PREPARED:

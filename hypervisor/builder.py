@@ -80,6 +80,7 @@ def boot(spec, timeline, images=None, serve=None) -> BuiltVm:
     try:
         vm.server = serve(machine, agent) if serve else None
         machine.build(images)
+        filter_syscalls()  # before the first KVM_RUN: everything the VM needs exists now
         machine.start()
     except BaseException:
         vm.close()
@@ -94,13 +95,16 @@ def restore(spec, timeline, serve=None, kvm=None) -> BuiltVm:
     from hypervisor.restore import restore as restore_snapshot
     machine, agent = restore_snapshot(spec, console_sink(spec.console), timeline, kvm)
     vm = BuiltVm(machine, agent)
-    if serve:
-        try:
+    try:
+        if serve:
             vm.server = serve(machine, agent)
-        except BaseException:
-            machine.stop("the control API could not start", 1)
-            vm.close()
-            raise
+        # After the API socket is bound (the filter forbids bind): until it is served nothing but the template's
+        # own guest, which ran no one's code yet, has reached this VMM.
+        filter_syscalls()
+    except BaseException:
+        machine.stop("the control API could not start", 1)
+        vm.close()
+        raise
     return vm
 
 
@@ -116,6 +120,7 @@ def run(spec, timeline) -> int:
     `pclite: error:` line on stderr and exit code 1."""
     from hypervisor.capped_log import cap_stderr
     cap_stderr()  # vmm.log keeps its tail, whatever the guest provokes (fresh and forked VMMs alike)
+    _jail_self(spec, timeline)  # before any thread of this process: the images load inside the jail
     images = None
     if spec.command == "run":
         # Start loading the kernel and initrd into guest RAM before importing the rest of the VMM: the reads
@@ -152,6 +157,49 @@ def run(spec, timeline) -> int:
     return _finish(spec, timeline, vm, code)
 
 
+_SECCOMP = [False]  # set by _jail_self from the plan: install the seccomp filter at filter_syscalls()
+
+
+def filter_syscalls() -> None:
+    """The jail's last step, when its plan asks for it: the seccomp allow-list (hypervisor/seccomp_filter.py) on
+    every thread; anything else the VMM then calls kills it (SIGSYS: pclited records `seccomp`). Raises OSError
+    (SeccompUnavailable) when it cannot be installed: a VMM pclited was told is filtered does not run unfiltered."""
+    if _SECCOMP[0]:
+        _SECCOMP[0] = False
+        from hypervisor.seccomp_filter import install
+        install()
+
+
+def _jail_self(spec, timeline) -> None:
+    """Enter the jail pclited planned for this VMM (PCLITE_JAIL_PLAN, JSON: hypervisor/jail.py), if any; a jail that
+    cannot be set up stops the VMM (exit 1, one line) rather than run it unjailed."""
+    text = os.environ.pop("PCLITE_JAIL_PLAN", None)
+    if not text:
+        return
+    from hypervisor import jail
+    from hypervisor.boot_images import wait_prepared
+    wait_prepared()  # a warm VMM's load ahead: its thread must be done before the process may unshare
+    try:
+        plan = jail.JailPlan.from_json(text)
+        if plan.seccomp:  # libseccomp's bindings live outside what the jail shows: imported now
+            from hypervisor.seccomp_filter import SeccompUnavailable, bindings
+            try:
+                bindings()
+            except SeccompUnavailable as exc:
+                raise jail.JailError(str(exc)) from None
+        jail.enter(plan)
+    except jail.JailError as exc:
+        print(f"pclite: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    _SECCOMP[0] = plan.seccomp
+    if not spec.detach and os.getppid() == 0:  # pid 1 of its own pid namespace: the kernel watches the parent
+        # PR_SET_PDEATHSIG(SIGTERM): the fork server forked us from its only thread, so that thread's death is the
+        # parent's. Set after the uid change (which clears it) and before the seccomp filter (no prctl there).
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)
+    timeline.mark("jailed")
+
+
 def _error(exc) -> int:
     print(f"pclite: error: {exc}", file=sys.stderr)
     return 1
@@ -184,6 +232,8 @@ def _serve_api(spec, machine, agent):
     _signal.signal(_signal.SIGTERM, lambda *_: machine.stop("stopped by SIGTERM", 143))
     if not spec.detach:
         parent = os.getppid()
+        if parent == 0:  # pid 1 of its own pid namespace: PR_SET_PDEATHSIG watches (_jail_self)
+            return server
 
         def watch_parent() -> None:
             # getppid polling rather than PR_SET_PDEATHSIG: that fires when the parent *thread* exits,

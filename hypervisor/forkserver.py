@@ -33,7 +33,7 @@ import time
 
 from hypervisor.cli_args import REQUIRED, UsageError, parse_options
 
-OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1)}
+OPTIONS = {"--socket": (str, REQUIRED), "--warm": (int, 1), "--pidns": (int, 0)}
 MAX_REQUEST = 64 << 10
 PARENT_POLL_S = 1.0
 WARM_AFTER_S = 0.2  # idle time before forking the next warm VMM: not while the one just handed out starts
@@ -55,6 +55,7 @@ def _preload() -> None:
     import hypervisor.boot_images  # noqa: F401
     import hypervisor.builder  # noqa: F401
     import hypervisor.control  # noqa: F401
+    import hypervisor.jail  # noqa: F401
     import hypervisor.vm  # noqa: F401
     from guestboot.agent import protocol  # noqa: F401
     from hypervisor import cpuid, kvm_snapshot_structs, restore  # noqa: F401 - `restore`: clones of a snapshot
@@ -83,6 +84,8 @@ def serve(argv: list[str]) -> int:
     _signal.signal(_signal.SIGCHLD, lambda *_: None)  # a handler, not SIG_IGN: we want the exit codes
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)  # stop like Ctrl-C: the socket is removed
     children: dict[int, socket.socket] = {}
+    global _PIDNS
+    _PIDNS = opts["pidns"] > 0
     warm = _Warm(opts["warm"] > 0)
     parent = os.getppid()  # the server lives as long as whoever started it (pclited, a test, the bench)
     print(f"pclite forkserver: ready on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
@@ -179,13 +182,14 @@ def _reap(children: dict) -> list[int]:
 
 
 class _Request:
-    """A validated fork request: the VM's RunSpec, the VMM's working directory, and when it was asked for."""
+    """A validated fork request: the VM's RunSpec, the VMM's working directory, when it was asked for, and the
+    jail plan the VMM enters (JSON, hypervisor/jail.py; None: not jailed)."""
 
-    def __init__(self, spec, cwd: str | None, t0: float):
-        self.spec, self.cwd, self.t0 = spec, cwd, t0
+    def __init__(self, spec, cwd: str | None, t0: float, jail: str | None = None):
+        self.spec, self.cwd, self.t0, self.jail = spec, cwd, t0, jail
 
     def encode(self) -> bytes:
-        return json.dumps({"spec": self.spec.as_dict(), "cwd": self.cwd, "t0": self.t0}).encode()
+        return json.dumps({"spec": self.spec.as_dict(), "cwd": self.cwd, "t0": self.t0, "jail": self.jail}).encode()
 
 
 def parse_request(data: bytes) -> _Request:
@@ -201,7 +205,7 @@ def parse_request(data: bytes) -> _Request:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(request, dict):
         raise ValueError(f"want a JSON object, got {type(request).__name__}")
-    unknown = sorted(set(request) - {"spec", "cwd", "t0"})
+    unknown = sorted(set(request) - {"spec", "cwd", "t0", "jail"})
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}")
     cwd, t0 = request.get("cwd"), request.get("t0", time.monotonic())
@@ -209,11 +213,14 @@ def parse_request(data: bytes) -> _Request:
         raise ValueError("cwd must be a directory path")
     if isinstance(t0, bool) or not isinstance(t0, int | float) or not math.isfinite(t0):
         raise ValueError("t0 must be a number (time.monotonic() of the request)")
+    jail = request.get("jail")
+    if jail is not None and not isinstance(jail, str):
+        raise ValueError("jail must be a JSON string (hypervisor/jail.py)")
     try:
         spec = RunSpec.from_json(request.get("spec"))
     except UsageError as exc:
         raise ValueError(str(exc)) from None
-    return _Request(spec, cwd, float(t0))
+    return _Request(spec, cwd, float(t0), jail)
 
 
 def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
@@ -241,7 +248,7 @@ def _handle(conn: socket.socket, listener: socket.socket, warm: _Warm) -> int:
                 pid = 0
             warm_conn.close()
         if not pid:
-            pid = os.fork()
+            pid = _fork()
             if pid == 0:  # the new VMM: never back into the server's loop
                 try:
                     listener.close()
@@ -287,7 +294,7 @@ def _run_vmm(request: _Request) -> None:
 
 def _fork_warm(last_run=None) -> tuple[int, socket.socket | None]:
     server_end, vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
         code = 0
         try:
@@ -332,6 +339,15 @@ def _wait_as_warm(conn: socket.socket, last_run=None) -> _Request | None:
         discard_prepared()
     _adopt_request(fds, request)
     return request
+
+
+_PIDNS = False  # --pidns 1: every VMM is pid 1 of its own pid namespace (pclited's jail)
+
+
+def _fork() -> int:
+    from hypervisor.jail import pid_namespace_for_next_child
+    with pid_namespace_for_next_child(_PIDNS):
+        return os.fork()
 
 
 def _freeze_heap() -> None:
@@ -381,6 +397,8 @@ def _adopt_request(fds: list[int], request: _Request) -> None:
     fds.clear()  # now stdio: not to be closed again by whoever received them
     if request.cwd:
         os.chdir(request.cwd)
+    if request.jail:  # entered by the VMM itself before its first thread (hypervisor/builder.py)
+        os.environ["PCLITE_JAIL_PLAN"] = request.jail
 
 
 def _reply(conn: socket.socket, message: dict) -> None:
@@ -434,13 +452,15 @@ def _read_line(conn: socket.socket, buffer: bytes, timeout: float | None) -> tup
     return line, rest
 
 
-def spawn(server: str, spec, stdin: int, stdout: int, stderr: int, cwd: str | None = None) -> ForkedVmm:
+def spawn(server: str, spec, stdin: int, stdout: int, stderr: int, cwd: str | None = None,
+          jail: str | None = None) -> ForkedVmm:
     """Ask the fork server at `server` for a VMM running the VM `spec`: a hypervisor.runspec.RunSpec, or the CLI
-    options of one (["run", "--kernel", ...]: parsed here, UsageError if they are wrong; the wire carries the spec)."""
+    options of one (["run", "--kernel", ...]: parsed here, UsageError if they are wrong; the wire carries the spec).
+    jail: the JSON plan (hypervisor/jail.py) the VMM enters before it runs anything."""
     if isinstance(spec, list):
         from hypervisor.runspec import RunSpec
         spec = RunSpec.from_argv([str(arg) for arg in spec])
-    request = {"spec": spec.as_dict(), "cwd": cwd or os.getcwd(), "t0": time.monotonic()}
+    request = {"spec": spec.as_dict(), "cwd": cwd or os.getcwd(), "t0": time.monotonic(), "jail": jail}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _connect(conn, server)

@@ -45,6 +45,8 @@ class Metrics:
                                        ["flavor", "result"], registry=r)
         self.template_build = Histogram("pclite_template_build_seconds", "Time to build a template: cold boot to "
                                         "agent ready, snapshot, stop", ["flavor"], buckets=BUCKETS, registry=r)
+        self.jail_enabled = Gauge("pclite_jail_enabled", "VMM jail features in force (1) or off (0): uid, mountns, "
+                                  "pidns, netns, cgroup, seccomp", ["feature"], registry=r)
         for state in VM_STATES:
             self.vms.labels(state).set(0)
         self._flavors: set[str] = set()
@@ -59,6 +61,10 @@ class Metrics:
         for phase in BOOT_PHASES:
             if boot_ms.get(phase) is not None:
                 self.boot_phase.labels(phase, flavor).observe(boot_ms[phase] / 1000)
+
+    def set_jail(self, enabled: dict[str, bool]) -> None:
+        for feature, on in enabled.items():
+            self.jail_enabled.labels(feature).set(1 if on else 0)
 
     def set_pools(self, pools: dict[str, tuple[int, int]]) -> None:
         """{flavor: (ready, target)}; flavors that went away lose their series."""

@@ -18,6 +18,7 @@ mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs -o mode=755 tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup  # as on a systemd host: pclited's VMM jails make cgroup leaves
 mount -o bind /dev /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts

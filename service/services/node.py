@@ -40,6 +40,7 @@ class Node:
         self.inventory = Inventory(self.db, settings)
         self.flavors = FlavorService(self.db, settings)
         self.launcher = Launcher(settings)
+        self.metrics.set_jail({f: self.launcher.jails.on(f) for f in self.launcher.jails.features})
         self.work = Work()
         self.wake = Wakeup()  # rung by anyone who frees room or a VM; the pool loop waits on it
         self.templates = TemplateManager(settings, self.inventory, self.launcher, self.metrics, self.work, self.wake)
@@ -48,7 +49,7 @@ class Node:
         self.pool = PoolManager(settings, self.inventory, self.flavors, self.launcher, self.metrics, self.work,
                                 self.wake, templates=self.templates, stop_vm=self.supervisor.stop_vm)
         self.vms = VmService(settings, self.inventory, self.supervisor)
-        self.rootfs = RootfsService(settings, self.inventory)
+        self.rootfs = RootfsService(settings, self.inventory, self.launcher.jails.hand_over)
         self.ready = False
         self._loops: list[asyncio.Task] = []
 

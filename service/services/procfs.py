@@ -18,11 +18,12 @@ def proc_cmdline(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else None
 
 
-def listening_unix_sockets() -> dict[int, str]:
-    """{socket inode: path} of every bound Unix socket on the host (/proc/net/unix, as `ss -x` reads it)."""
+def listening_unix_sockets(pid: int | str = "self") -> dict[int, str]:
+    """{socket inode: path} of every bound Unix socket in the network namespace of `pid` (/proc/PID/net/unix, as
+    `ss -x` reads it): a jailed VMM has a network namespace of its own."""
     table: dict[int, str] = {}
     try:
-        with open("/proc/net/unix") as f:
+        with open(f"/proc/{pid}/net/unix") as f:
             next(f)
             for line in f:
                 fields = line.split()
@@ -36,7 +37,8 @@ def listening_unix_sockets() -> dict[int, str]:
 def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
     """Paths of the Unix sockets process `pid` has bound: how a VMM forked by the fork server (whose cmdline is
     the server's) is matched to its API socket."""
-    table = listening_unix_sockets() if table is None else table
+    if table is None or _netns(pid) != _netns("self"):
+        table = listening_unix_sockets(pid)
     paths = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -47,6 +49,13 @@ def unix_sockets_of(pid: int, table: dict[int, str] | None = None) -> set[str]:
     except OSError:
         pass
     return paths
+
+
+def _netns(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
 
 
 def _in_dir(path: str, prefix: str) -> bool:

@@ -480,8 +480,9 @@ class Untar:
 
 
 class RootfsService:
-    def __init__(self, settings: Settings, inventory: Inventory) -> None:
-        self.settings, self.inventory = settings, inventory
+    def __init__(self, settings: Settings, inventory: Inventory, hand_over=lambda image: None) -> None:
+        """hand_over(image): makes a built image the VM's own (its jail's uid), before its VMM opens it."""
+        self.settings, self.inventory, self.hand_over = settings, inventory, hand_over
         self._busy: set[str] = set()  # VMs whose rootfs is being attached: a second request is a conflict
         self._tasks: set[asyncio.Task] = set()  # work done after the answer (the event log line)
 
@@ -591,6 +592,7 @@ class RootfsService:
         image = image_path(vm)
         built = await blocking(build_image, source, image, size_mib, self.settings.data_dir / "rootfs-cache",
                                script, self.settings.rootfs_max_bytes, pass_fds)
+        self.hand_over(image)  # a jailed VMM opens it as the VM's own uid
         mounts = [{"source": GUEST_DEVICE, "target": GUEST_MOUNTPOINT, "fstype": "ext4",
                    "flags": MS_RDONLY if read_only else 0, "data": "", "mkdir": True}, *(mounts or [])]
 

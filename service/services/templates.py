@@ -288,6 +288,9 @@ class TemplateManager:
     def _install(self, snapshot: Path, name: str, spec: dict) -> None:
         """Move the finished snapshot into place (a rename: restores never see half a template)."""
         (snapshot / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+        os.chmod(snapshot, 0o755)  # written by the template VM's jailed uid: its clones run as other uids
+        for entry in snapshot.iterdir():
+            os.chmod(entry, 0o644)
         final = self.dir / name
         if final.exists():  # an invalidated template of the same spec; its clones keep their mapping
             self._discard(final)

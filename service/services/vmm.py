@@ -19,6 +19,7 @@ from pathlib import Path
 from hypervisor.client import VmmClient, VmmError
 from service.core.config import Settings
 from service.models import CLONE, VM, Flavor
+from service.services.jail import JailService
 from service.services.priority import can_raise_priority, set_nice
 from service.services.procfs import is_vmm, scan_vmms
 
@@ -51,6 +52,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._forkserver: subprocess.Popen | None = None
         self._forkserver_lock = threading.Lock()
+        self.jails = JailService(settings)
 
     # --- starting -------------------------------------------------------------------------------------------
     def default_artifacts(self) -> tuple[str, str]:
@@ -110,7 +112,8 @@ class Launcher:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 with open(path.parent / "forkserver.log", "ab") as out:
-                    self._forkserver = subprocess.Popen(vmm_command(["forkserver", "--socket", str(path)]),
+                    pidns = ["--pidns", "1"] if self.jails.on("pidns") else []
+                    self._forkserver = subprocess.Popen(vmm_command(["forkserver", "--socket", str(path), *pidns]),
                                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                                         start_new_session=True, close_fds=True)
                 deadline = time.monotonic() + FORKSERVER_START_S
@@ -128,35 +131,43 @@ class Launcher:
         """Start the VM's VMM (forked by the fork server when it is up, else a fresh process); returns a
         Popen-like object (pid, poll)."""
         vm_dir = Path(vm.console_path).parent
-        proc = self.start_process(self.vm_spec(vm, flavor), vm_dir, vm_dir / VMM_LOG)
+        proc = self.start_process(self.vm_spec(vm, flavor), vm_dir, vm_dir / VMM_LOG, vm.mem_mib)
         self.children[vm.id] = proc
         niced = bool(vm.pooled and self.refill_nice and set_nice(proc.pid, self.refill_nice))
         log.info("started VMM pid %d for %s (%s)%s", proc.pid, vm.id, vm.source,
                  f" at nice {self.refill_nice}" if niced else "")
         return proc
 
-    def start_process(self, spec, cwd: Path, log_path: Path):
+    def start_process(self, spec, cwd: Path, log_path: Path, mem_mib: int | None = None):
         """A VMM process for the RunSpec `spec` (forked by the fork server when it is up, else a fresh process with
-        the spec's command line), its output appended to log_path."""
+        the spec's command line), its output appended to log_path, jailed when the jail is on (cwd: the VM's own
+        directory; mem_mib: a clone's guest RAM, which its spec does not say)."""
         cwd.mkdir(parents=True, exist_ok=True)
         Path(spec.api_sock).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(spec.api_sock)
+        jail = self.jails.plan(spec, cwd, mem_mib)
         server = self.forkserver()
         with open(log_path, "ab") as out:
             if server:
                 from hypervisor.forkserver import ForkServerError, spawn
                 try:  # the forked VMM gets its own session too
                     with open(os.devnull, "rb") as devnull:
-                        return spawn(server, spec, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd))
+                        return spawn(server, spec, devnull.fileno(), out.fileno(), out.fileno(), cwd=str(cwd),
+                                     jail=jail)
                 except ForkServerError as exc:
                     log.warning("VMM fork server: %s; starting a fresh VMM process instead", exc)
             # The lean interpreter start (skips site); `hypervisor` and `--api-sock` stay argv elements for the
             # /proc scans (scan_vmms, is_vmm).
+            from hypervisor.jail import pid_namespace_for_next_child
             from hypervisor.launch import vmm_command
-            # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
-            return subprocess.Popen(vmm_command(spec.to_argv()), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    cwd=cwd, start_new_session=True, close_fds=True)
+            # Not PCLITE_JAIL: that is pclited's own setting, which the VMM inherits.
+            env = {**os.environ, "PCLITE_JAIL_PLAN": jail} if jail else None
+            # A pid namespace only for a detached VMM: one that watches its parent needs to see it.
+            with pid_namespace_for_next_child(bool(jail) and self.jails.on("pidns") and spec.detach):
+                # Own session: a Ctrl-C or SIGTERM aimed at pclited's process group must not reach the VMMs.
+                return subprocess.Popen(vmm_command(spec.to_argv()), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=out, cwd=cwd, start_new_session=True, close_fds=True, env=env)
 
     def foreground(self, vm: VM) -> None:
         """A claimed VM runs someone's work: back to normal priority (it may have booted as a niced refill, of this
@@ -206,6 +217,8 @@ class Launcher:
             except ValueError:
                 name = f"signal {-code}"
             what = f"VMM killed by signal {-code} ({name})"
+            if -code == signal.SIGSYS:  # the reason starts with the word `seccomp`: clients match on it
+                what = f"seccomp: {what}: it made a syscall outside its allow-list (hypervisor/seccomp_filter.py)"
         else:
             what = f"VMM exited with code {code}"
         detail = self.log_reason(vm)
@@ -282,10 +295,13 @@ class Launcher:
                 time.sleep(0.02)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+        if os.path.dirname(socket_path) == str(self.settings.run_dir):  # a pool VM's: its cgroup leaf goes too
+            self.jails.release(self.settings.vm_dir / Path(socket_path).stem, wait_s=0.5)
 
     def cleanup(self, vm: VM) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.api_socket)
+        self.jails.release(Path(vm.console_path).parent)
         # A container's rootfs image (services/rootfs.py) is as large as its rootfs: it goes with the VM.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path(vm.console_path).parent / "rootfs.ext4")

@@ -5,6 +5,8 @@ says agent_ready (a restored VMM serves its API only once it is ready, so a clon
 until its first exec (`true`) has answered. Both launch paths are measured: a fresh `python` per VM, and a fork of
 the pre-imported fork server (what pclited uses; it keeps a warm VMM, forked with its KVM VM made, ahead of
 requests: also measured without), round-robin so that other load on the (shared) lab weighs on all of them alike.
+The forked runs are also timed jailed (hypervisor/jail.py, as pclited jails its VMMs when root: own uid, mount/pid/
+net/ipc/uts namespaces, a cgroup leaf when cgroup v2 has the controllers), against the same runs unjailed.
 Memory: /proc/PID/smaps_rollup of 20 clones (forked) running at once, plus Private_Dirty of the guest-RAM mapping
 alone: the pages a clone has copied from the snapshot (with one clone alone, snapshot pages only it maps would count
 as private too). Goals (issue 7): clone >= 20x faster than cold boot in the lab, <= 10 ms on
@@ -25,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make the repo importable
 
+from hypervisor import jail  # noqa: E402
 from hypervisor.client import VmmClient, VmmError  # noqa: E402
 from hypervisor.forkserver import spawn  # noqa: E402
 from hypervisor.launch import vmm_command  # noqa: E402
@@ -38,18 +41,36 @@ CLONES = 20
 MEM_MIB = 128
 TIMEOUT_S = 180
 FAILURES: list[str] = []  # runs that never got ready: printed at the end, and the bench exits 1
+JAIL_UID_BASE = 300000
+JAIL_CGROUP = "/sys/fs/cgroup/pclite-bench"
+JAIL_CGROUP_OK = False  # set by main(): cgroup v2 with the controllers
+_jail_uids = iter(range(JAIL_UID_BASE, JAIL_UID_BASE + 100000))
 
 
 class Started:
     """One VMM being timed: asked for at t0, ready when GET /status says so."""
 
-    def __init__(self, tmp: Path, name: str, argv: list[str], forkserver: str | None):
-        self.sock, self.log, self.console = tmp / f"{name}.sock", tmp / f"{name}.log", tmp / f"{name}.console"
+    def __init__(self, tmp: Path, name: str, argv: list[str], forkserver: str | None, jailed: bool = False):
+        self.cgroup = None
+        plan = None
+        if jailed:  # its own directory: the jail holds it (read-write), its images (read-only) and nothing else
+            directory = tmp / name
+            directory.mkdir()
+            uid = next(_jail_uids)
+            self.cgroup = f"{JAIL_CGROUP}/{name}" if JAIL_CGROUP_OK else None
+            images = [argv[argv.index(flag) + 1] for flag in ("--kernel", "--initrd", "--from") if flag in argv]
+            plan = jail.JailPlan(vm_id=name, uid=uid, gid=uid, root=str(tmp / "jail-root"), read_only=images,
+                                 read_write=[str(directory)], owned=[str(directory)], cgroup=self.cgroup,
+                                 memory_max=(MEM_MIB + 256) << 20, pids_max=80, cpu_weight=100).to_json()
+        else:
+            directory = tmp
+        self.sock, self.log = directory / f"{name}.sock", directory / f"{name}.log"
+        self.console = directory / f"{name}.console"
         argv = [*argv, "--api-sock", str(self.sock), "--console", str(self.console)]  # quiet: a panic would show
         with open(self.log, "wb") as out, open(os.devnull, "rb") as devnull:
             self.t0 = time.monotonic()
             if forkserver:
-                self.proc = spawn(forkserver, argv, devnull.fileno(), out.fileno(), out.fileno())
+                self.proc = spawn(forkserver, argv, devnull.fileno(), out.fileno(), out.fileno(), jail=plan)
             else:
                 self.proc = subprocess.Popen(vmm_command(argv), stdin=devnull, stdout=out, stderr=out,
                                              start_new_session=True)
@@ -74,11 +95,15 @@ class Started:
         except ProcessLookupError:
             return
         self.proc.wait(30)  # a Popen, or the fork server's ForkedVmm (same call)
+        deadline = time.monotonic() + 5
+        while self.cgroup and not jail.remove_cgroup(self.cgroup) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
-def timed_once(tmp: Path, name: str, argv: list[str], forkserver: str | None) -> tuple[float, float]:
+def timed_once(tmp: Path, name: str, argv: list[str], forkserver: str | None,
+               jailed: bool = False) -> tuple[float, float]:
     """(seconds to agent-ready, seconds to the first exec's answer) of one VM, which is then killed."""
-    vm = Started(tmp, name, argv, forkserver)
+    vm = Started(tmp, name, argv, forkserver, jailed)
     try:
         ready = vm.wait_ready()
         assert VmmClient(vm.sock).exec(["true"], timeout_s=60).exit_code == 0
@@ -93,16 +118,16 @@ def timed_once(tmp: Path, name: str, argv: list[str], forkserver: str | None) ->
 
 
 def interleaved(tmp: Path, scenarios: dict, runs: dict) -> dict:
-    """Round-robin over the scenarios (name -> (argv, fork server or None)), so that whatever else loads the
+    """Round-robin over the scenarios (name -> (argv, fork server or None[, jailed])), so that whatever else loads the
     host (the lab is shared) weighs on all of them alike. Returns name -> ([ready s], [first exec s])."""
     results = {name: ([], []) for name in scenarios}
     for round_ in range(max(runs.values())):
         progress(f"round {round_ + 1}")
-        for name, (argv, server) in scenarios.items():
+        for name, (argv, server, *jailed) in scenarios.items():
             if round_ < runs[name]:
                 try:
                     ready, first_exec = timed_once(tmp, f"{name.replace(' ', '-').replace(',', '')}-{round_}",
-                                                   argv, server)
+                                                   argv, server, bool(jailed and jailed[0]))
                 except RuntimeError as exc:  # reported and counted; the other runs still say something
                     FAILURES.append(f"{name}, round {round_ + 1}: {str(exc)[:600]}")
                     progress(f"FAILED: {FAILURES[-1]}")
@@ -156,8 +181,11 @@ def main() -> None:
     cold = ["run", "--kernel", str(art.bzimage), "--initrd", str(art.initrd), "--cmdline", AGENT_CMDLINE,
             "--mem", str(MEM_MIB), "--vcpus", "1"]
     print(f"== clone: snapshot restore vs cold boot to agent-ready ({MEM_MIB} MiB, 1 vCPU)", flush=True)
+    global JAIL_CGROUP_OK
+    JAIL_CGROUP_OK = jail.cgroup_parent_ready(JAIL_CGROUP) is None
+    print(f"  jailed runs: {'with' if JAIL_CGROUP_OK else 'without'} a cgroup leaf each", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name, ForkServer(Path(tmp_name)) as server, \
-            ForkServer(Path(tmp_name), warm=False) as plain_forks:
+            ForkServer(Path(tmp_name), warm=False) as plain_forks, ForkServer(Path(tmp_name), pidns=True) as jailer:
         tmp = Path(tmp_name)
         (tmp / "template").mkdir()
         progress("booting the template")
@@ -170,8 +198,12 @@ def main() -> None:
             template.stop()
         progress("timed runs")
         clone = ["restore", "--from", str(tmp / "snap")]
+        for path in (tmp / "snap", *(tmp / "snap").iterdir()):  # jailed clones read it as their own uids
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         scenarios = {"cold boot, fresh process": (cold, None), "cold boot, forked": (cold, server.path),
+                     "cold boot, forked, jailed": (cold, jailer.path, True),
                      "clone, fresh process": (clone, None), "clone, forked": (clone, server.path),
+                     "clone, forked, jailed": (clone, jailer.path, True),
                      "clone, forked, no warm VMM": (clone, plain_forks.path)}
         results = interleaved(tmp, scenarios, {name: COLD_RUNS if name.startswith("cold") else RUNS
                                                for name in scenarios})
@@ -207,9 +239,14 @@ def main() -> None:
         for name, (cold_name, clone_name) in {
                 "fresh process": ("cold boot, fresh process", "clone, fresh process"),
                 "forked": ("cold boot, forked", "clone, forked"),
-                "cold fresh process / clone forked": ("cold boot, fresh process", "clone, forked")}.items():
+                "cold fresh process / clone forked": ("cold boot, fresh process", "clone, forked"),
+                "forked, jailed": ("cold boot, forked, jailed", "clone, forked, jailed")}.items():
             ratios[f"{name}, {what}"] = med(results[cold_name][index]) / med(results[clone_name][index])
             print(f"    speed-up cold / clone, {name}: {ratios[f'{name}, {what}']:.1f}x   (goal >= 20x)")
+        for kind, goal in (("cold boot", "within noise"), ("clone", "goal <= +5 %")):
+            on, off = med(results[f"{kind}, forked, jailed"][index]), med(results[f"{kind}, forked"][index])
+            ratios[f"jail cost, {kind}, {what}"] = on / off
+            print(f"    jail on / off, {kind} forked: {on / off:.3f}x ({(on - off) * 1000:+.0f} ms; {goal})")
 
     def mib(key: str) -> float:
         return med([r.get(key, 0) for r in rollups]) / 1024

@@ -75,11 +75,12 @@ class ForkServer:
     """`python -m hypervisor forkserver` for the duration of a with-block; .run(args) -> a ForkedProcess starter.
     warm=False: no VMM forked ahead of requests (each request pays the fork and KVM_CREATE_VM)."""
 
-    def __init__(self, directory: Path, warm: bool = True):
-        name = "forkserver.sock" if warm else "forkserver-cold.sock"
+    def __init__(self, directory: Path, warm: bool = True, pidns: bool = False):
+        """pidns: each VMM is pid 1 of its own pid namespace (as pclited's jail has it)."""
+        name = f"forkserver{'' if warm else '-cold'}{'-pidns' if pidns else ''}.sock"
         self.path = str(directory / name)
-        self.proc = subprocess.Popen(vmm_command(["forkserver", "--socket", self.path, "--warm", str(int(warm))]),
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(vmm_command(["forkserver", "--socket", self.path, "--warm", str(int(warm)),
+                                                  "--pidns", str(int(pidns))]), stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.path):
             if self.proc.poll() is not None or time.monotonic() > deadline:

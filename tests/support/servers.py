@@ -224,12 +224,12 @@ def database_url(backend: str, tmp_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_pclited(**settings):
+def running_pclited(start_timeout_s: float = 180.0, **settings):
     """A started Pclited in a fresh data dir; afterwards its flavors and VMs are deleted, it is stopped, and any VMM
     still running (pool VMs, or template VMs under run/tpl) is killed and fails the test."""
     workdir = short_tmpdir()
     svc = Pclited(workdir / "data", **settings)
-    svc.start()
+    svc.start(start_timeout_s)
     yield svc
     with contextlib.suppress(Exception), svc.client() as api:
         for flavor in api.get("/v1/flavors").json():

@@ -172,6 +172,20 @@ def test_kill_9_of_a_booting_vmm_is_a_crash(sqlite_harness):
         assert metric(api, "pclite_vmm_crashes_total") == 1
 
 
+def test_a_vmm_killed_by_sigsys_is_failed_with_reason_seccomp(sqlite_harness):
+    # SIGSYS is how the VMM's seccomp filter kills it (hypervisor/seccomp_filter.py); pclited sees only that status.
+    # Unjailed: a jailed VMM is pid 1 of its pid namespace, which a kill(SIGSYS) from outside cannot end (only the
+    # kernel's seccomp kill or SIGKILL can; tests/guest/test_seccomp.py has the real one).
+    service = sqlite_harness.server(boot_timeout_s=60, degrade_after_failures=1, backoff_base_s=30, jail=False)
+    with service.client() as api:
+        api.post("/v1/flavors", json={"name": "sys", "mem_mib": 128, "pool_target": 1, "clone": False})
+        vm = service.wait_for(lambda: next((v for v in vms_of(api, "sys") if v["pid"]), None), 30)
+        service.wait_for(lambda: vmm_processes(sqlite_harness.run_dir), 5, message="the VMM process")
+        os.kill(vm["pid"], signal.SIGSYS)
+        failed = service.wait_for(lambda: (v := api.get(f"/v1/vms/{vm['id']}").json())["state"] == "failed" and v, 10)
+        assert failed["failure_reason"].startswith("seccomp: VMM killed by signal 31 (SIGSYS)"), failed
+
+
 def test_a_cold_boot_that_fails_answers_503_and_counts_an_error(sqlite_harness):
     service = sqlite_harness.server()
     with service.client() as api:

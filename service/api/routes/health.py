@@ -30,7 +30,7 @@ async def readyz(node: NodeDep):
     why = await asyncio.to_thread(node.healthy)
     if why:
         return problem(503, f"not ready: {why}", "not-ready")
-    return {"status": "ready"}
+    return {"status": "ready", "jail": node.launcher.jails.status()}  # what of the VMM jail is in force
 
 
 @router.get("/metrics")
