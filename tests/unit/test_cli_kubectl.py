@@ -266,3 +266,23 @@ def test_cli_defaults_are_pclited_defaults():
     from service.schemas import FlavorSpec
 
     assert {k: v for k, v in FlavorSpec().model_dump().items() if k != "name"} == DEFAULTS
+
+
+def test_flavor_routes_dry_run_writes_nothing(pclited, cli):
+    import httpx
+
+    config, _home = pclited
+    headers = {"Authorization": f"Bearer {config['token']}"}
+    with httpx.Client(base_url=config["server"], headers=headers, timeout=30) as http:
+        made = http.post("/v1/flavors", params={"dry_run": "true"}, json={"name": "dry", "mem_mib": 128})
+        assert made.status_code == 201 and made.json()["mem_mib"] == 128
+        assert http.put("/v1/flavors/dry", params={"dry_run": "true"}, json={}).status_code == 201
+        assert http.get("/v1/flavors/dry").status_code == 404
+        assert http.post("/v1/flavors", json={"name": "dry", "mem_mib": 128}).status_code == 201
+        spec = lambda: {k: v for k, v in http.get("/v1/flavors/dry").json().items() if k != "template"}  # noqa: E731
+        before = spec()
+        assert http.patch("/v1/flavors/dry", params={"dry_run": "true"}, json={"vcpus": 2}).json()["vcpus"] == 2
+        assert http.put("/v1/flavors/dry", params={"dry_run": "true"}, json={"vcpus": 3}).json()["vcpus"] == 3
+        assert http.patch("/v1/flavors/dry", params={"dry_run": "true"},
+                          json={"pool_min": 5, "pool_target": 1}).status_code == 422
+        assert spec() == before  # the template's state moves on its own; the spec must not
