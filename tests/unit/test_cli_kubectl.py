@@ -286,3 +286,17 @@ def test_flavor_routes_dry_run_writes_nothing(pclited, cli):
         assert http.patch("/v1/flavors/dry", params={"dry_run": "true"},
                           json={"pool_min": 5, "pool_target": 1}).status_code == 422
         assert spec() == before  # the template's state moves on its own; the spec must not
+
+
+def test_watch_with_output_name(stub_cli):
+    stub, cli = stub_cli
+    first = stub.add_vm("default", state="booting")["id"]
+    proc = subprocess.Popen(pclitectl_argv() + ["get", "vms", "-w", "-o", "name", "--watch-interval", "0.1"],
+                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == f"vm/{first}\n".encode()
+        stub.vms[first].update(state="ready")
+        assert proc.stdout.readline() == f"vm/{first}\n".encode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -135,8 +135,8 @@ def show(resource: str, items: list[dict], fmt: str | None, *, single: bool, hea
 
 
 def watch(client, resource: str, name: str | None, flavor: str | None, state: str | None, fmt: str | None,
-          interval_s: float) -> None:
-    """kubectl -w: the full listing first, then one row (or one document) per object that changed."""
+          interval_s: float, headers: bool = True) -> None:
+    """kubectl -w: the full listing first, then one row (or one document, or TYPE/NAME) per object that changed."""
     key = TABLES[resource][0]
     seen: dict[str, Any] = {}
     first = True
@@ -148,11 +148,13 @@ def watch(client, resource: str, name: str | None, flavor: str | None, state: st
         if fmt in ("json", "yaml"):
             for item in changed:
                 output.print_doc(document(resource, item), fmt, stream_sep=True)
+        elif fmt == "name":
+            click.echo("".join(f"{SINGULAR[resource]}/{i.get(key)}\n" for i in changed), nl=False)
         elif changed or first:
             columns, rows = rows_for(resource, changed, fmt == "wide")
             if first and not rows:
                 click.echo(f"No {resource} found yet; watching.", err=True)
-            output.print_table(columns, rows, header=first and bool(rows))
+            output.print_table(columns, rows, header=headers and first and bool(rows))
             if rows:
                 first = False
         time.sleep(interval_s)
@@ -192,7 +194,7 @@ def get(resource: str, name: str | None, fmt: str | None, no_headers: bool, watc
     client = app().client
     if watching:
         try:
-            watch(client, resource, name, flavor, state, fmt, watch_interval)
+            watch(client, resource, name, flavor, state, fmt, watch_interval, headers=not no_headers)
         except KeyboardInterrupt:
             return
         return
