@@ -1,6 +1,8 @@
 """The client config: where pclitectl and pclite-runtime find pclited and its token. The one parser of the file
 pclited writes on its first start (`server: URL` and `token: TOKEN`, by yaml.safe_dump), and the one order of
-precedence: flags, then PCLITE_SERVER/PCLITE_TOKEN, then the file, then the local default.
+precedence: flags, then PCLITE_SERVER/PCLITE_TOKEN, then the file, then the local default. A file with contexts
+(`current-context:` and `contexts:`, written by `pclitectl config`) also carries the current context's `server:` and
+`token:` as top-level lines, so this reader (the runtime's) never needs YAML for it.
 
 Standard library only, and only `os`: pclite-runtime imports this on the calls containerd waits on, where re,
 typing or yaml would each cost more than the rest of the call. The file's usual form is read here; anything else is
@@ -86,6 +88,48 @@ def simple_config(text: str) -> dict | None:
     return data
 
 
+CONTEXT_KEYS = ("current-context", "contexts")
+
+
+def flat_of_contexts(text: str) -> dict | None:
+    """The `server:`/`token:` lines pclitectl keeps at the top of a file with contexts (the current context's, so
+    this reader needs no YAML): None unless every other top-level line is `current-context:` or `contexts:`."""
+    data: dict[str, str] = {}
+    has_contexts = False
+    for line in text.split("\n"):
+        if not line or line[0] in " -#":
+            continue
+        key, colon, rest = line.partition(":")
+        if not colon:
+            return None
+        if key in CONTEXT_KEYS:
+            has_contexts = has_contexts or key == "contexts"
+            continue
+        value = _scalar(rest) if key in KEYS and key not in data and rest.startswith(" ") else None
+        if value is None:
+            return None
+        data[key] = value
+    return data if has_contexts else None
+
+
+def select_context(data: dict, path: str, name: str | None = None) -> dict:
+    """The server and token of context `name` (else the file's current-context) when the file lists contexts; the
+    flat `server:`/`token:` otherwise."""
+    contexts = data.get("contexts")
+    if not contexts and not name:
+        return data
+    wanted = name or data.get("current-context")
+    if not isinstance(contexts, list) or not all(isinstance(c, dict) for c in contexts):
+        raise ConfigError(f"the pclitectl config {path}: `contexts` must be a list of {{name, server, token}}")
+    if not wanted:
+        return data
+    for context in contexts:
+        if context.get("name") == wanted:
+            return {key: context.get(key) for key in KEYS}
+    raise ConfigError(f"context {wanted!r} is not in the pclitectl config {path} — see `pclitectl config "
+                      f"get-contexts`, or add it with `pclitectl config set-context {wanted} --server URL`")
+
+
 def read_config(path: str, load_yaml=None) -> dict:
     """The file's mapping ({} when there is none). load_yaml(text, path) reads any other YAML form; without it only
     the form pclited writes is accepted."""
@@ -101,6 +145,9 @@ def read_config(path: str, load_yaml=None) -> dict:
     if simple is not None:
         return simple
     if load_yaml is None:
+        flat = flat_of_contexts(text)
+        if flat is not None:
+            return flat
         raise ConfigError(f"the pclitectl config {path} is not in the form pclited writes (`server: URL` and "
                           f"`token: TOKEN` lines): rewrite it so, or set PCLITE_SERVER and PCLITE_TOKEN")
     data = load_yaml(text, path)
@@ -114,8 +161,10 @@ def read_config(path: str, load_yaml=None) -> dict:
     return data
 
 
-def resolve(server_flag: str | None = None, token_flag: str | None = None, load_yaml=None) -> Settings:
-    """Flags beat PCLITE_SERVER/PCLITE_TOKEN, which beat the config file; the server defaults to local pclited.
+def resolve(server_flag: str | None = None, token_flag: str | None = None, load_yaml=None,
+            context: str | None = None) -> Settings:
+    """Flags beat PCLITE_SERVER/PCLITE_TOKEN, which beat the config file (its context `context`, else its current
+    one, else its flat keys); the server defaults to local pclited.
     The server comes back without a trailing `/`, and with http:// when it names no scheme (nor `unix:`)."""
     server, server_source = server_flag, "--server"
     token, token_source = token_flag, "--token"
@@ -123,9 +172,9 @@ def resolve(server_flag: str | None = None, token_flag: str | None = None, load_
         server, server_source = os.environ["PCLITE_SERVER"], "PCLITE_SERVER"
     if not token and os.environ.get("PCLITE_TOKEN"):
         token, token_source = os.environ["PCLITE_TOKEN"], "PCLITE_TOKEN"
-    if not server or not token:
+    if not server or not token or context:
         path = config_path()
-        data = read_config(path, load_yaml)
+        data = select_context(read_config(path, load_yaml), path, context)
         if not server and data.get("server"):
             server, server_source = str(data["server"]), path
         if not token and data.get("token"):

@@ -359,11 +359,14 @@ class Client:
     def get_flavor(self, name: str) -> dict:
         return self.get_json(f"/v1/flavors/{name}", what=("flavor", name))
 
-    def create_flavor(self, body: dict) -> dict:
-        return self._json(self.request("POST", "/v1/flavors", json=body))
+    def create_flavor(self, body: dict, *, dry_run: bool = False) -> dict:
+        params = {"dry_run": "true"} if dry_run else None
+        return self._json(self.request("POST", "/v1/flavors", json=body, params=params))
 
-    def patch_flavor(self, name: str, body: dict) -> dict:
-        return self._json(self.request("PATCH", f"/v1/flavors/{name}", json=body, what=("flavor", name)))
+    def patch_flavor(self, name: str, body: dict, *, dry_run: bool = False) -> dict:
+        params = {"dry_run": "true"} if dry_run else None
+        return self._json(self.request("PATCH", f"/v1/flavors/{name}", json=body, what=("flavor", name),
+                                       params=params))
 
     def delete_flavor(self, name: str) -> None:
         self.request("DELETE", f"/v1/flavors/{name}", what=("flavor", name))

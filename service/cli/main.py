@@ -29,6 +29,8 @@ COMMANDS = {
     "apply": "service.cli.commands.apply:apply",
     "scale": "service.cli.commands.scale:scale",
     "top": "service.cli.commands.top:top",
+    "wait": "service.cli.commands.wait:wait",
+    "config": "service.cli.commands.config:config",
     "version": "service.cli.commands.version:version",
     "completion": "service.cli.commands.completion:completion",
 }
@@ -37,8 +39,8 @@ COMMANDS = {
 class AppContext:
     """Per-invocation state: settings are resolved and the client created only when a command needs them."""
 
-    def __init__(self, server: str | None, token: str | None):
-        self.server_flag, self.token_flag = server, token
+    def __init__(self, server: str | None, token: str | None, context: str | None = None):
+        self.server_flag, self.token_flag, self.context_flag = server, token, context
         self._client = None
 
     @property
@@ -47,7 +49,7 @@ class AppContext:
             from service.cli.client import Client
             from service.cli.config import resolve
 
-            self._client = Client(resolve(self.server_flag, self.token_flag))
+            self._client = Client(resolve(self.server_flag, self.token_flag, self.context_flag))
         return self._client
 
     def close(self) -> None:
@@ -91,8 +93,9 @@ class LazyGroup(click.Group):
               "~/.config/pclite/config (PCLITE_CONFIG); else http://127.0.0.1:8080].")
 @click.option("--token", metavar="TOKEN", help="API bearer token [env PCLITE_TOKEN; else `token:` in the config "
               "file pclited writes on first start].")
+@click.option("--context", metavar="NAME", help="Use this context of the config file instead of its current one.")
 @click.pass_context
-def cli(ctx: click.Context, server: str | None, token: str | None) -> None:
+def cli(ctx: click.Context, server: str | None, token: str | None, context: str | None) -> None:
     """Control pclited: flavors, warm pools and microVMs, kubectl-style.
 
     \b
@@ -100,7 +103,7 @@ def cli(ctx: click.Context, server: str | None, token: str | None) -> None:
     pclitectl run default -- uname -a        claim a warm VM and run a command in it
     pclitectl apply -f flavors.yaml          create or update flavors (kind: Flavor)
     """
-    app = AppContext(server, token)
+    app = AppContext(server, token, context)
     ctx.obj = app
     ctx.call_on_close(app.close)
 
@@ -111,9 +114,40 @@ def _say(message: str) -> None:
         sys.stderr.flush()
 
 
+GLOBAL_OPTIONS = ("--server", "--token", "--context")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """kubectl takes its global flags anywhere on the line (`get vms --server X`): move them before the verb.
+
+    Nothing after `--` moves (that is the guest command's), and a flag's value stays with it.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.partition("=")[0]
+        if name in GLOBAL_OPTIONS:
+            if "=" in arg or i + 1 >= len(argv):
+                front.append(arg)  # a missing value stays for click to report as bad usage
+                i += 1
+            else:
+                front += argv[i:i + 2]
+                i += 2
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = cli.main(args=argv, prog_name="pclitectl", standalone_mode=False)
+        result = cli.main(args=args, prog_name="pclitectl", standalone_mode=False)
     except CliError as exc:
         _say(f"error: {exc.message}")
         return exc.exit_code

@@ -30,6 +30,10 @@ POOL_FIELDS: dict[str, tuple[str, type, int | None]] = {
     "min": ("pool_min", int, 0),
     "target": ("pool_target", int, 0),
 }
+# What pclited gives a field a manifest leaves out (service/schemas.py FlavorSpec; a test keeps them equal): `apply`
+# sets a field removed from the manifest back to this, as kubectl's apply does.
+DEFAULTS: dict[str, Any] = {"kernel": None, "initrd": None, "cmdline_extra": "", "vcpus": 1, "mem_mib": 256,
+                            "pool_min": 0, "pool_target": 1, "max_age_s": 3600, "clone": True}
 NULLABLE = {"maxAgeSeconds", "kernel", "initrd"}
 METADATA_FIELDS = {"name", "labels", "annotations", "creationTimestamp"}
 TOP_FIELDS = {"apiVersion", "kind", "metadata", "spec", "status"}

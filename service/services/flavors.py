@@ -64,7 +64,8 @@ class FlavorService:
                                 f"guest memory quota ({s.max_guest_mem_mib} MiB); lower the target or mem_mib, or "
                                 "raise PCLITE_MAX_GUEST_MEM_MIB")
 
-    def create(self, spec: FlavorSpec) -> Flavor:
+    def create(self, spec: FlavorSpec, *, dry_run: bool = False) -> Flavor:
+        """A new flavor; with dry_run, every check is made and the flavor it would be is returned, unsaved."""
         if not spec.name:
             raise Invalid("name is required: a DNS label such as 'small' (a-z, 0-9, '-')")
         values = spec.model_dump()
@@ -75,12 +76,14 @@ class FlavorService:
                                f"/v1/flavors/{spec.name}")
             now = utcnow()
             flavor = Flavor(**values, generation=1, created_at=now, updated_at=now)
+            if dry_run:
+                return flavor
             s.add(flavor)
             add_event(s, "flavor.created", f"flavor {spec.name} created", flavor=spec.name)
         return flavor
 
-    def replace(self, name: str, spec: FlavorSpec) -> tuple[Flavor, bool]:
-        """PUT: create or replace; returns (flavor, created)."""
+    def replace(self, name: str, spec: FlavorSpec, *, dry_run: bool = False) -> tuple[Flavor, bool]:
+        """PUT: create or replace; returns (flavor, created). With dry_run, what it would be, nothing written."""
         if not re.fullmatch(NAME_PATTERN, name):
             raise Invalid(f"flavor name {name[:80]!r} is not a DNS label: use a-z, 0-9 and '-', at most 63 characters")
         if spec.name not in (None, name):
@@ -92,13 +95,24 @@ class FlavorService:
             if flavor is None:
                 now = utcnow()
                 flavor = Flavor(**values, generation=1, created_at=now, updated_at=now)
+                if dry_run:
+                    return flavor, True
                 s.add(flavor)
                 add_event(s, "flavor.created", f"flavor {name} created", flavor=name)
                 return flavor, True
+            if dry_run:
+                return self._preview(flavor, values), False
             self._apply(s, flavor, values)
         return flavor, False
 
-    def patch(self, name: str, patch: FlavorPatch) -> Flavor:
+    @staticmethod
+    def _preview(flavor: Flavor, values: dict) -> Flavor:
+        """The flavor an update would leave, as a new unsaved object (the stored one is left untouched)."""
+        columns = {c.key: getattr(flavor, c.key) for c in Flavor.__table__.columns}
+        keep = {k: columns[k] for k in ("name", "created_at", "generation")}
+        return Flavor(**(columns | values | keep | {"updated_at": utcnow()}))
+
+    def patch(self, name: str, patch: FlavorPatch, *, dry_run: bool = False) -> Flavor:
         changes = patch.model_dump(exclude_unset=True)
         for field in ("vcpus", "mem_mib", "pool_min", "pool_target", "max_age_s", "cmdline_extra", "clone"):
             if field in changes and changes[field] is None:
@@ -109,6 +123,8 @@ class FlavorService:
                 raise unknown_flavor(name)
             values = {c.key: getattr(flavor, c.key) for c in Flavor.__table__.columns} | changes
             self._validate(values)
+            if dry_run:
+                return self._preview(flavor, values)
             self._apply(s, flavor, values)
         return flavor
 

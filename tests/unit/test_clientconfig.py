@@ -101,3 +101,24 @@ def test_it_imports_nothing_but_os():
     done = subprocess.run([sys.executable, "-IS", "-c", code, launcher.ROOT], capture_output=True, text=True,
                           check=True)
     assert set(done.stdout.split()) == {"service", "service.clientconfig"}
+
+
+def test_the_lean_reader_takes_the_flat_keys_of_a_file_with_contexts(tmp_path):
+    import yaml
+
+    text = ("server: http://10.0.0.2:8080\ntoken: tok-b\ncurrent-context: b\ncontexts:\n"
+            "- name: a\n  server: http://10.0.0.1:8080\n  token: tok-a\n- name: b\n  server: http://10.0.0.2:8080\n"
+            "  token: tok-b\n")
+    assert clientconfig.flat_of_contexts(text) == {"server": "http://10.0.0.2:8080", "token": "tok-b"}
+    data = yaml.safe_load(text)
+    assert clientconfig.select_context(data, "cfg") == {"server": "http://10.0.0.2:8080", "token": "tok-b"}
+    assert clientconfig.select_context(data, "cfg", "a") == {"server": "http://10.0.0.1:8080", "token": "tok-a"}
+    with pytest.raises(clientconfig.ConfigError, match="context 'c' is not in"):
+        clientconfig.select_context(data, "cfg", "c")
+    # anything else at the top level: not the form pclitectl writes, so the runtime asks for YAML (and says so)
+    assert clientconfig.flat_of_contexts(text + "extra: 1\n") is None
+    assert clientconfig.flat_of_contexts("server: http://x\n") is None  # no contexts: simple_config's business
+    path = tmp_path / "config"
+    path.write_text(text + "extra: 1\n")
+    with pytest.raises(clientconfig.ConfigError, match="not in the form pclited writes"):
+        clientconfig.read_config(str(path))

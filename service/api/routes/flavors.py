@@ -1,8 +1,10 @@
 """/v1/flavors: what a VM is made of, and its pool's size."""
 
 import asyncio
+from functools import partial
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from service.api.deps import V1, NodeDep
 from service.schemas import FlavorOut, FlavorPatch, FlavorSpec
@@ -20,10 +22,14 @@ async def list_flavors(node: NodeDep):
     return [out(node, flavor) for flavor in await asyncio.to_thread(node.flavors.list)]
 
 
+DryRun = Annotated[bool, Query(description="validate and answer with the result, writing nothing")]
+
+
 @router.post("", response_model=FlavorOut, status_code=201)
-async def create_flavor(spec: FlavorSpec, node: NodeDep):
-    flavor = await asyncio.to_thread(node.flavors.create, spec)
-    node.pool.wake()
+async def create_flavor(spec: FlavorSpec, node: NodeDep, dry_run: DryRun = False):
+    flavor = await asyncio.to_thread(partial(node.flavors.create, spec, dry_run=dry_run))
+    if not dry_run:
+        node.pool.wake()
     return out(node, flavor)
 
 
@@ -33,17 +39,19 @@ async def get_flavor(name: str, node: NodeDep):
 
 
 @router.put("/{name}", response_model=FlavorOut, responses={201: {"model": FlavorOut}})
-async def put_flavor(name: str, spec: FlavorSpec, node: NodeDep, response: Response):
-    flavor, created = await asyncio.to_thread(node.flavors.replace, name, spec)
+async def put_flavor(name: str, spec: FlavorSpec, node: NodeDep, response: Response, dry_run: DryRun = False):
+    flavor, created = await asyncio.to_thread(partial(node.flavors.replace, name, spec, dry_run=dry_run))
     response.status_code = 201 if created else 200
-    node.pool.flavor_changed(name)
+    if not dry_run:
+        node.pool.flavor_changed(name)
     return out(node, flavor)
 
 
 @router.patch("/{name}", response_model=FlavorOut)
-async def patch_flavor(name: str, patch: FlavorPatch, node: NodeDep):
-    flavor = await asyncio.to_thread(node.flavors.patch, name, patch)
-    node.pool.flavor_changed(name)
+async def patch_flavor(name: str, patch: FlavorPatch, node: NodeDep, dry_run: DryRun = False):
+    flavor = await asyncio.to_thread(partial(node.flavors.patch, name, patch, dry_run=dry_run))
+    if not dry_run:
+        node.pool.flavor_changed(name)
     return out(node, flavor)
 
 

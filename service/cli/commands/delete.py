@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import click
 
-from service.cli.commands.common import RESOURCE_ALIASES, app, complete_names, resource_choice
+from service.cli.commands.common import ResourceRef, app, complete_names, references
 from service.cli.errors import EXIT_ERROR, CliError
 
 
 @click.command("delete", short_help="Delete VMs (or flavors).")
-@click.argument("resource", type=resource_choice("vms", "flavors"), metavar="vm|flavor")
-@click.argument("names", nargs=-1, required=True, metavar="ID...", shell_complete=complete_names)
+@click.argument("resource", type=ResourceRef("vms", "flavors"), metavar="vm|flavor")
+@click.argument("names", nargs=-1, metavar="ID...", shell_complete=complete_names)
 @click.option("--wait", is_flag=True, help="vm: return only once the VMM has stopped.")
 def delete(resource: str, names: tuple[str, ...], wait: bool) -> None:
-    """Delete VMs by id (their VMM is stopped) or flavors by name. Every name is tried; any failure exits 1."""
+    """Delete VMs by id (their VMM is stopped) or flavors by name (`vm ID...` or `vm/ID...`). Every name is tried;
+    any failure exits 1."""
+    refs = references(resource, names, ("vms", "flavors"))
+    if not refs:
+        raise click.UsageError("name what to delete: `delete vm ID...` or `delete vm/ID...`")
     client = app().client
-    vms = RESOURCE_ALIASES[resource] == "vms"
     failed = 0
-    for name in dict.fromkeys(names):
+    for kind, name in dict.fromkeys(refs):
+        vms = kind == "vms"
         try:
             client.delete_vm(name, wait=wait) if vms else client.delete_flavor(name)
         except CliError as exc:

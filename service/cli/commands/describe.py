@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from service.cli import output
-from service.cli.commands.common import RESOURCE_ALIASES, app, complete_names, resource_choice
+from service.cli.commands.common import ResourceRef, app, complete_names, references
 from service.cli.commands.get import vm_row
 
 
@@ -109,13 +109,16 @@ def describe_flavor(client, name: str) -> None:
 
 
 @click.command("describe", short_help="Show a VM (boot timeline, events) or a flavor.")
-@click.argument("resource", type=resource_choice("vms", "flavors"), metavar="vm|flavor")
-@click.argument("name", shell_complete=complete_names)
-def describe(resource: str, name: str) -> None:
-    """Show one VM (boot timeline, events) or one flavor (spec, pool, VMs) in detail."""
+@click.argument("resource", type=ResourceRef("vms", "flavors"), metavar="vm|flavor")
+@click.argument("names", nargs=-1, metavar="NAME", shell_complete=complete_names)
+def describe(resource: str, names: tuple[str, ...]) -> None:
+    """Show one VM (boot timeline, events) or one flavor (spec, pool, VMs) in detail: `vm NAME` or `vm/NAME`."""
+    refs = references(resource, names, ("vms", "flavors"))
+    if not refs:
+        raise click.UsageError("name the object: `describe vm NAME` or `describe vm/NAME`")
     client = app().client
-    if RESOURCE_ALIASES[resource] == "vms":
-        describe_vm(client, name)
-    else:
-        describe_flavor(client, name)
+    for index, (kind, name) in enumerate(refs):
+        if index:
+            click.echo()
+        describe_vm(client, name) if kind == "vms" else describe_flavor(client, name)
 

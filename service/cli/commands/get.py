@@ -1,4 +1,5 @@
-"""`get vms|flavors|pools [NAME] [-o wide|json|yaml] [-w]`: kubectl-style listings, documents and watches."""
+"""`get vms|flavors|pools [NAME] [-o wide|json|yaml|name|jsonpath=T] [--no-headers] [-w]`: kubectl-style listings,
+documents and watches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import click
 
 from service.cli import output
-from service.cli.commands.common import RESOURCE_ALIASES, app, complete_names, resource_choice
+from service.cli.commands.common import ResourceRef, app, complete_names, references
+from service.cli.errors import EXIT_USAGE, CliError
 
 
 def _mem(mib: Any) -> str:
@@ -95,21 +97,46 @@ def fetch(client, resource: str, name: str | None, flavor: str | None, state: st
     return [client.get_pool(name)] if name else client.list_pools()
 
 
-def show(resource: str, items: list[dict], fmt: str | None, *, single: bool) -> None:
+SINGULAR = {"vms": "vm", "flavors": "flavor", "pools": "pool"}
+FORMATS = ("wide", "json", "yaml", "name", "jsonpath=TEMPLATE")
+
+
+def check_format(fmt: str | None) -> str | None:
+    if fmt is None or fmt in FORMATS[:4]:
+        return fmt
+    if fmt.startswith("jsonpath="):
+        from service.cli import jsonpath
+
+        jsonpath.parse(fmt.partition("=")[2])  # a bad template is bad usage, before anything is fetched
+        return fmt
+    raise CliError(f"-o {fmt!r}: use one of {', '.join(FORMATS)}", EXIT_USAGE)
+
+
+def show(resource: str, items: list[dict], fmt: str | None, *, single: bool, headers: bool = True) -> None:
     if fmt in ("json", "yaml"):
         docs = [document(resource, i) for i in items]
         output.print_doc(docs[0] if single else output.as_list(docs), fmt)
+        return
+    if fmt == "name":
+        key = TABLES[resource][0]
+        click.echo("".join(f"{SINGULAR[resource]}/{i.get(key)}\n" for i in items), nl=False)
+        return
+    if fmt and fmt.startswith("jsonpath="):
+        from service.cli import jsonpath
+
+        docs = [document(resource, i) for i in items]
+        click.echo(jsonpath.render(fmt.partition("=")[2], docs[0] if single else output.as_list(docs)), nl=False)
         return
     if not items:
         click.echo(f"No {resource} found.", err=True)
         return
     columns, rows = rows_for(resource, items, fmt == "wide")
-    output.print_table(columns, rows)
+    output.print_table(columns, rows, header=headers)
 
 
 def watch(client, resource: str, name: str | None, flavor: str | None, state: str | None, fmt: str | None,
-          interval_s: float) -> None:
-    """kubectl -w: the full listing first, then one row (or one document) per object that changed."""
+          interval_s: float, headers: bool = True) -> None:
+    """kubectl -w: the full listing first, then one row (or one document, or TYPE/NAME) per object that changed."""
     key = TABLES[resource][0]
     seen: dict[str, Any] = {}
     first = True
@@ -121,39 +148,55 @@ def watch(client, resource: str, name: str | None, flavor: str | None, state: st
         if fmt in ("json", "yaml"):
             for item in changed:
                 output.print_doc(document(resource, item), fmt, stream_sep=True)
+        elif fmt == "name":
+            click.echo("".join(f"{SINGULAR[resource]}/{i.get(key)}\n" for i in changed), nl=False)
         elif changed or first:
             columns, rows = rows_for(resource, changed, fmt == "wide")
             if first and not rows:
                 click.echo(f"No {resource} found yet; watching.", err=True)
-            output.print_table(columns, rows, header=first and bool(rows))
+            output.print_table(columns, rows, header=headers and first and bool(rows))
             if rows:
                 first = False
         time.sleep(interval_s)
 
 
 @click.command("get", short_help="List VMs, flavors or pools (or show one).")
-@click.argument("resource", type=resource_choice("vms", "flavors", "pools"), metavar="vms|flavors|pools")
+@click.argument("resource", type=ResourceRef("vms", "flavors", "pools"), metavar="vms|flavors|pools")
 @click.argument("name", required=False, shell_complete=complete_names)
-@click.option("-o", "--output", "fmt", type=click.Choice(["wide", "json", "yaml"]), help="Output format.")
+@click.option("-o", "--output", "fmt", metavar="FORMAT",
+              help="wide, json, yaml, name (TYPE/NAME lines) or jsonpath=TEMPLATE (e.g. '{.items[*].id}').")
+@click.option("--no-headers", is_flag=True, help="Tables without their header line.")
 @click.option("-w", "--watch", "watching", is_flag=True, help="After listing, keep printing objects that change.")
 @click.option("--flavor", help="vms only: just this flavor's VMs.")
 @click.option("--state", type=click.Choice(["booting", "ready", "claimed", "stopping", "stopped", "failed"]),
               help="vms only: just VMs in this state.")
 @click.option("--watch-interval", type=float, default=1.0, hidden=True)
-def get(resource: str, name: str | None, fmt: str | None, watching: bool, flavor: str | None, state: str | None,
-        watch_interval: float) -> None:
-    """List VMs, flavors or pools, or show one by NAME (a VM's id, a flavor's or pool's name).
+def get(resource: str, name: str | None, fmt: str | None, no_headers: bool, watching: bool, flavor: str | None,
+        state: str | None, watch_interval: float) -> None:
+    """List VMs, flavors or pools, or show one by NAME (a VM's id, a flavor's or pool's name) or as TYPE/NAME.
 
     -o json|yaml prints the API objects (a List for several); flavors print as manifests `apply -f` takes back.
     """
-    resource = RESOURCE_ALIASES[resource]
+    fmt = check_format(fmt)
+    refs = references(resource, (name,) if name else (), ("vms", "flavors", "pools"))
+    if len(refs) > 1:
+        raise click.UsageError("get shows one object by name: `get vm NAME` or `get vm/NAME`")
+    if refs:
+        resource, name = refs[0]
+    else:
+        from service.cli.commands.common import RESOURCE_ALIASES
+
+        resource = RESOURCE_ALIASES[resource]
+    if fmt and fmt.startswith("jsonpath=") and watching:
+        raise click.UsageError("-w prints each change as it comes: use -o json|yaml|name with it, not jsonpath")
     if (flavor or state) and resource != "vms":
         raise click.UsageError("--flavor and --state filter VMs: use them with `get vms`")
     client = app().client
     if watching:
         try:
-            watch(client, resource, name, flavor, state, fmt, watch_interval)
+            watch(client, resource, name, flavor, state, fmt, watch_interval, headers=not no_headers)
         except KeyboardInterrupt:
             return
         return
-    show(resource, fetch(client, resource, name, flavor, state), fmt, single=name is not None)
+    show(resource, fetch(client, resource, name, flavor, state), fmt, single=name is not None,
+         headers=not no_headers)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from service.cli.commands.common import app, complete_vm_ids
+from service.cli.commands.common import app, complete_vm_ids, vm_name
 from service.cli.errors import NotFound
 
 TERMINAL_STATES = ("stopped", "failed")
@@ -62,6 +62,7 @@ def last_lines(data: bytes, n: int | None) -> bytes:
 @click.option("--poll-interval", type=float, default=0.5, hidden=True)
 def logs(vm: str, follow: bool, tail: int | None, poll_interval: float) -> None:
     """Print a VM's serial console (kernel messages and what the guest writes to it)."""
+    vm = vm_name(vm)
     client = app().client
     seen = client.console(vm)
     _emit(last_lines(seen, tail))

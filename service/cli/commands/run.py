@@ -12,7 +12,7 @@ import sys
 import click
 
 from service.cli import output
-from service.cli.commands.common import app, complete_flavor_names, complete_vm_ids
+from service.cli.commands.common import app, complete_flavor_names, complete_vm_ids, vm_name
 from service.cli.errors import CliError
 
 EXIT_TIMED_OUT = 124
@@ -109,7 +109,7 @@ def exec_(vm: str, command: tuple[str, ...], stdin_flag: bool, no_stdin: bool, e
     if not command:
         raise click.UsageError("exec needs a command: pclitectl exec VM -- CMD [ARGS]...")
     mode = _stdin_mode(stdin_flag, no_stdin)
-    code = exec_in(app().client, vm, list(command), stdin=_read_stdin(mode), env=_env_pairs(env), cwd=cwd,
+    code = exec_in(app().client, vm_name(vm), list(command), stdin=_read_stdin(mode), env=_env_pairs(env), cwd=cwd,
                    timeout_s=timeout_s)
     click.get_current_context().exit(code)
 
