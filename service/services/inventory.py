@@ -10,7 +10,8 @@ import secrets
 from collections import Counter
 from datetime import datetime, timedelta
 
-from sqlalchemy import Row, String, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import Row, String, bindparam, delete, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.config import Settings
@@ -25,6 +26,7 @@ from service.models import (
     VM,
     Event,
     Flavor,
+    IdempotencyKey,
     UTCDateTime,
     utcnow,
 )
@@ -87,6 +89,46 @@ class Inventory:
             query = query.where(VM.state == state)
         with self.db.read() as s:
             return list(s.scalars(query))
+
+    def page(self, flavor: str | None, state: str | None, keep, limit: int | None,
+             after: tuple[datetime, str] | None) -> tuple[list[VM], bool]:
+        """VMs in list order after the (created_at, id) `after`, those `keep(vm)` accepts, at most `limit`;
+        (vms, more): more when VMs past them remain."""
+        query = select(VM).order_by(VM.created_at, VM.id)
+        if flavor:
+            query = query.where(VM.flavor == flavor)
+        if state:
+            query = query.where(VM.state == state)
+        if after is not None:
+            query = query.where(or_(VM.created_at > after[0], (VM.created_at == after[0]) & (VM.id > after[1])))
+        found: list[VM] = []
+        with self.db.read() as s:
+            for vm in s.scalars(query):
+                if keep(vm):
+                    if limit is not None and len(found) == limit:
+                        return found, True
+                    found.append(vm)
+        return found, False
+
+    def expired(self) -> list[str]:
+        """Claimed VMs whose lease has ended."""
+        with self.db.read() as s:
+            return list(s.scalars(select(VM.id).where(VM.state == CLAIMED, VM.expires_at.is_not(None),
+                                                      VM.expires_at <= utcnow())))
+
+    def last_event_id(self) -> int:
+        with self.db.read() as s:
+            return s.execute(select(func.coalesce(func.max(Event.id), 0))).scalar_one()
+
+    def events_after(self, event_id: int, limit: int = 500) -> list[tuple[int, str | None, str]]:
+        """(id, vm_id, kind) of the events after event_id: what a watch turns into ADDED/MODIFIED/DELETED."""
+        with self.db.read() as s:
+            return list(s.execute(select(Event.id, Event.vm_id, Event.kind).where(Event.id > event_id)
+                                  .order_by(Event.id).limit(limit)).tuples())
+
+    def find(self, vm_id: str) -> VM | None:
+        with self.db.read() as s:
+            return s.get(VM, vm_id)
 
     def live(self) -> list[VM]:
         with self.db.read() as s:
@@ -196,6 +238,40 @@ class Inventory:
     def update(self, vm_id: str, **fields) -> None:
         with self.db.write() as s:
             s.execute(update(VM).where(VM.id == vm_id).values(**fields))
+
+    def patch(self, vm_id: str, kind: str, message: str, **fields) -> VM:
+        """Change a VM's lease or labels and log why (so watches see a MODIFIED)."""
+        with self.db.write() as s:
+            vm = s.get(VM, vm_id)
+            if vm is None:
+                raise NotFound(f"no VM {vm_id!r}: list VMs with GET /v1/vms")
+            for name, value in fields.items():
+                setattr(vm, name, value)
+            add_event(s, kind, message, vm_id, vm.flavor)
+        return vm
+
+    # --- idempotency keys -------------------------------------------------------------------------------------
+    def reserve_key(self, key: str, request_hash: str, max_age_s: float) -> IdempotencyKey | None:
+        """Take the key for this request (None), or the record of the request that took it first."""
+        cutoff = utcnow() - timedelta(seconds=max_age_s)
+        with self.db.write() as s:
+            s.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
+        try:
+            with self.db.write() as s:
+                s.add(IdempotencyKey(key=key, request_hash=request_hash, created_at=utcnow()))
+            return None
+        except IntegrityError:
+            with self.db.read() as s:
+                return s.get(IdempotencyKey, key)
+
+    def settle_key(self, key: str, vm_id: str | None, hit: bool | None) -> None:
+        """Record what the key's request answered; no vm_id: it failed, the key is free again."""
+        with self.db.write() as s:
+            if vm_id is None:
+                s.execute(delete(IdempotencyKey).where(IdempotencyKey.key == key))
+            else:
+                s.execute(update(IdempotencyKey).where(IdempotencyKey.key == key)
+                          .values(vm_id=vm_id, hit=hit))
 
     def event(self, kind: str, message: str, vm_id: str | None = None, flavor: str | None = None) -> None:
         with self.db.write() as s:
