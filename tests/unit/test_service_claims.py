@@ -220,3 +220,28 @@ def test_the_watch_shows_added_then_deleted(server, api, plant):
             "GET", "/v1/vms", params={"watch": "true", "resourceVersion": versions[-2]}) as response:
         first = json.loads(next(line for line in response.iter_lines() if line.strip()))
     assert first["resourceVersion"] > versions[-2]
+
+
+def test_pclitectl_selects_with_l_and_watch_prints_deleted(server, api, plant, tmp_path):
+    from tests.unit.test_cli_contract_stub import Cli, pclitectl_argv
+
+    cli = Cli(server.url, server.token, tmp_path)
+    mine, other = plant(labels={"cli": "yes"}), plant(labels={"cli": "no"})
+    listed = cli("get", "vms", "-l", "cli=yes", "-o", "json").stdout
+    assert [vm["id"] for vm in json.loads(listed)["items"]] == [mine]
+    bad = cli("get", "vms", "-l", "cli in (a)", ok=False)
+    assert bad.returncode != 0 and b"set-based selectors" in bad.stderr
+    proc = subprocess.Popen(pclitectl_argv() + ["get", "vms", "-w", "-l", "cli"], env=cli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline().split() == [b"ID", b"FLAVOR", b"STATE", b"BOOT", b"AGE"]
+        first = {proc.stdout.readline().split()[0] for _ in range(2)}
+        assert first == {mine.encode(), other.encode()}
+        assert api.delete(f"/v1/vms/{other}", params={"wait": "true"}).status_code == 200
+        rows = []
+        while not rows or rows[-1][2] != b"DELETED":
+            rows.append(proc.stdout.readline().split())
+        assert rows[-1][:3] == [other.encode(), FLAVOR.encode(), b"DELETED"], rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
