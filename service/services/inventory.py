@@ -40,6 +40,7 @@ def new_vm_id() -> str:
 _VMS, _FLAVORS, _EVENTS = VM.__table__, Flavor.__table__, Event.__table__
 _NOW = bindparam("now", type_=UTCDateTime())
 HIT = "claimed from the pool (hit)"
+UNSETTLED_S = 900.0  # longer than any claim (a cold boot waits at most boot_timeout_s)
 _PICK = (select(_VMS.c.id).join(_FLAVORS, _FLAVORS.c.name == _VMS.c.flavor)
          .where(_VMS.c.flavor == bindparam("flavor_name"), _VMS.c.state == READY,
                 _VMS.c.flavor_generation == _FLAVORS.c.generation)
@@ -253,9 +254,12 @@ class Inventory:
     # --- idempotency keys -------------------------------------------------------------------------------------
     def reserve_key(self, key: str, request_hash: str, max_age_s: float) -> IdempotencyKey | None:
         """Take the key for this request (None), or the record of the request that took it first."""
-        cutoff = utcnow() - timedelta(seconds=max_age_s)
+        now = utcnow()
         with self.db.write() as s:
-            s.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
+            # Expired keys, and reservations a claim never settled (pclited died mid-claim): free again.
+            s.execute(delete(IdempotencyKey).where(or_(
+                IdempotencyKey.created_at < now - timedelta(seconds=max_age_s),
+                IdempotencyKey.vm_id.is_(None) & (IdempotencyKey.created_at < now - timedelta(seconds=UNSETTLED_S)))))
         try:
             with self.db.write() as s:
                 s.add(IdempotencyKey(key=key, request_hash=request_hash, created_at=utcnow()))
