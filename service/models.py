@@ -91,6 +91,10 @@ class VM(Base):
     timeline_ms: Mapped[dict | None] = mapped_column(JSON)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # Kubernetes-style labels ({key: value}); selectors filter on them (services/labels.py).
+    labels: Mapped[dict | None] = mapped_column(JSON)
+    # A claim's lease: past it the supervisor stops the VM (vm.expired). None: no lease.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Event(Base):
@@ -102,3 +106,15 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class IdempotencyKey(Base):
+    """A claim's Idempotency-Key: a retry with the same key and body gets the same VM for a day."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    vm_id: Mapped[str | None] = mapped_column(String(16))  # None while the first request is still claiming
+    hit: Mapped[bool | None] = mapped_column(Boolean)  # the first answer's claim: hit (pool) or miss (boot)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -17,6 +17,7 @@ MAX_POOL = 256
 MAX_AGE_S = 30 * 86400
 MAX_CMDLINE_EXTRA = 1024
 MAX_EXEC_STDIN = vmm_api.MAX_EXEC_STDIN
+MAX_TTL_S = 30 * 86400
 VMState = Literal["booting", "ready", "claimed", "stopping", "stopped", "failed"]
 VMSource = Literal["cold", "clone"]
 
@@ -146,6 +147,13 @@ class VMOut(BaseModel):
     failure_reason: str | None
     source: VMSource = Field("cold", description="cold: booted from its kernel; clone: restored from the template")
     template: str | None = Field(None, description="a clone's template directory (under data_dir/templates)")
+    labels: dict[str, str] = Field(default_factory=dict)
+    expires_at: datetime | None = Field(None, description="the claim's lease: past it the VM is stopped (vm.expired)")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_labels(cls, value):
+        return value or {}
 
 
 class ClaimOut(VMOut):
@@ -155,6 +163,18 @@ class ClaimOut(VMOut):
 class ClaimRequest(_In):
     flavor: str = Field(min_length=1, max_length=63)
     wait: bool = Field(True, description="on a miss, cold-boot and wait (true) or answer 503 (false)")
+    ttl_s: int | None = Field(None, ge=1, le=MAX_TTL_S, strict=True,
+                              description="a lease: the VM is stopped this long after the claim unless renewed "
+                                          "(PATCH /v1/vms/{id} {\"ttl_s\": N})")
+    labels: dict[str, str] = Field(default_factory=dict, description="Kubernetes-style labels")
+
+
+class VMPatch(_In):
+    """A JSON merge patch of a VM: renew (or set) its lease, change its labels (a null value removes a label)."""
+
+    ttl_s: int | None = Field(None, ge=1, le=MAX_TTL_S, strict=True,
+                              description="the lease ends this many seconds from now")
+    labels: dict[str, str | None] | None = None
 
 
 class ExecRequest(_In):

@@ -385,9 +385,41 @@ class Client:
 
     # -- VMs ---------------------------------------------------------------------------------------------------
 
-    def list_vms(self, *, flavor: str | None = None, state: str | None = None) -> list[dict]:
-        params = {k: v for k, v in (("flavor", flavor), ("state", state)) if v}
+    def list_vms(self, *, flavor: str | None = None, state: str | None = None,
+                 selector: str | None = None) -> list[dict]:
+        params = {k: v for k, v in (("flavor", flavor), ("state", state), ("labelSelector", selector)) if v}
         return self.get_json("/v1/vms", params=params)
+
+    def watch_vms(self, *, flavor: str | None = None, state: str | None = None, selector: str | None = None):
+        """The watch stream (GET /v1/vms?watch=true): yields its events, {type, object, resourceVersion}."""
+        import json as jsonlib
+
+        params = {k: v for k, v in (("flavor", flavor), ("state", state), ("labelSelector", selector)) if v}
+        headers = dict(self._headers)
+        if self._proxy is not None and self._scheme == "http":
+            headers.update(self._proxy[2])
+        self.close()  # the stream has a connection of its own
+        try:
+            conn = self._new_connection()
+        except (_ConnectFailed, _Timeout):
+            raise CliError(f"cannot reach pclited at {self.server} — is it running? (`make run`)") from None
+        try:
+            conn.sock.settimeout(None)
+            conn.request("GET", self._target("/v1/vms", params | {"watch": "true"}), headers=headers)
+            raw = conn.getresponse()
+            if raw.status >= 400:
+                content = raw.read()
+                resp = Response("GET", "/v1/vms", raw.status, raw.reason, raw.msg, content)
+                error = self._error(resp, "GET", "/v1/vms", None)
+                error.status = raw.status
+                raise error
+            for line in raw:
+                if line.strip():
+                    yield jsonlib.loads(line)
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError(f"the watch on pclited at {self.server} broke: {_transport_reason(exc)}") from None
+        finally:
+            conn.close()
 
     def get_vm(self, vm_id: str) -> dict:
         return self.get_json(f"/v1/vms/{vm_id}", what=("vm", vm_id))

@@ -10,7 +10,8 @@ import secrets
 from collections import Counter
 from datetime import datetime, timedelta
 
-from sqlalchemy import Row, String, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import Row, String, bindparam, delete, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.config import Settings
@@ -25,6 +26,7 @@ from service.models import (
     VM,
     Event,
     Flavor,
+    IdempotencyKey,
     UTCDateTime,
     utcnow,
 )
@@ -38,6 +40,7 @@ def new_vm_id() -> str:
 _VMS, _FLAVORS, _EVENTS = VM.__table__, Flavor.__table__, Event.__table__
 _NOW = bindparam("now", type_=UTCDateTime())
 HIT = "claimed from the pool (hit)"
+UNSETTLED_S = 900.0  # longer than any claim (a cold boot waits at most boot_timeout_s)
 _PICK = (select(_VMS.c.id).join(_FLAVORS, _FLAVORS.c.name == _VMS.c.flavor)
          .where(_VMS.c.flavor == bindparam("flavor_name"), _VMS.c.state == READY,
                 _VMS.c.flavor_generation == _FLAVORS.c.generation)
@@ -87,6 +90,46 @@ class Inventory:
             query = query.where(VM.state == state)
         with self.db.read() as s:
             return list(s.scalars(query))
+
+    def page(self, flavor: str | None, state: str | None, keep, limit: int | None,
+             after: tuple[datetime, str] | None) -> tuple[list[VM], bool]:
+        """VMs in list order after the (created_at, id) `after`, those `keep(vm)` accepts, at most `limit`;
+        (vms, more): more when VMs past them remain."""
+        query = select(VM).order_by(VM.created_at, VM.id)
+        if flavor:
+            query = query.where(VM.flavor == flavor)
+        if state:
+            query = query.where(VM.state == state)
+        if after is not None:
+            query = query.where(or_(VM.created_at > after[0], (VM.created_at == after[0]) & (VM.id > after[1])))
+        found: list[VM] = []
+        with self.db.read() as s:
+            for vm in s.scalars(query):
+                if keep(vm):
+                    if limit is not None and len(found) == limit:
+                        return found, True
+                    found.append(vm)
+        return found, False
+
+    def expired(self) -> list[str]:
+        """Claimed VMs whose lease has ended."""
+        with self.db.read() as s:
+            return list(s.scalars(select(VM.id).where(VM.state == CLAIMED, VM.expires_at.is_not(None),
+                                                      VM.expires_at <= utcnow())))
+
+    def last_event_id(self) -> int:
+        with self.db.read() as s:
+            return s.execute(select(func.coalesce(func.max(Event.id), 0))).scalar_one()
+
+    def events_after(self, event_id: int, limit: int = 500) -> list[tuple[int, str | None, str]]:
+        """(id, vm_id, kind) of the events after event_id: what a watch turns into ADDED/MODIFIED/DELETED."""
+        with self.db.read() as s:
+            return list(s.execute(select(Event.id, Event.vm_id, Event.kind).where(Event.id > event_id)
+                                  .order_by(Event.id).limit(limit)).tuples())
+
+    def find(self, vm_id: str) -> VM | None:
+        with self.db.read() as s:
+            return s.get(VM, vm_id)
 
     def live(self) -> list[VM]:
         with self.db.read() as s:
@@ -196,6 +239,43 @@ class Inventory:
     def update(self, vm_id: str, **fields) -> None:
         with self.db.write() as s:
             s.execute(update(VM).where(VM.id == vm_id).values(**fields))
+
+    def patch(self, vm_id: str, kind: str, message: str, **fields) -> VM:
+        """Change a VM's lease or labels and log why (so watches see a MODIFIED)."""
+        with self.db.write() as s:
+            vm = s.get(VM, vm_id)
+            if vm is None:
+                raise NotFound(f"no VM {vm_id!r}: list VMs with GET /v1/vms")
+            for name, value in fields.items():
+                setattr(vm, name, value)
+            add_event(s, kind, message, vm_id, vm.flavor)
+        return vm
+
+    # --- idempotency keys -------------------------------------------------------------------------------------
+    def reserve_key(self, key: str, request_hash: str, max_age_s: float) -> IdempotencyKey | None:
+        """Take the key for this request (None), or the record of the request that took it first."""
+        now = utcnow()
+        with self.db.write() as s:
+            # Expired keys, and reservations a claim never settled (pclited died mid-claim): free again.
+            s.execute(delete(IdempotencyKey).where(or_(
+                IdempotencyKey.created_at < now - timedelta(seconds=max_age_s),
+                IdempotencyKey.vm_id.is_(None) & (IdempotencyKey.created_at < now - timedelta(seconds=UNSETTLED_S)))))
+        try:
+            with self.db.write() as s:
+                s.add(IdempotencyKey(key=key, request_hash=request_hash, created_at=utcnow()))
+            return None
+        except IntegrityError:
+            with self.db.read() as s:
+                return s.get(IdempotencyKey, key)
+
+    def settle_key(self, key: str, vm_id: str | None, hit: bool | None) -> None:
+        """Record what the key's request answered; no vm_id: it failed, the key is free again."""
+        with self.db.write() as s:
+            if vm_id is None:
+                s.execute(delete(IdempotencyKey).where(IdempotencyKey.key == key))
+            else:
+                s.execute(update(IdempotencyKey).where(IdempotencyKey.key == key)
+                          .values(vm_id=vm_id, hit=hit))
 
     def event(self, kind: str, message: str, vm_id: str | None = None, flavor: str | None = None) -> None:
         with self.db.write() as s:

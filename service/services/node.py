@@ -6,7 +6,7 @@ owned by one `Work`, which shutdown drains.
     TemplateManager             → inventory, launcher, metrics, work, wake
     Supervisor                  → inventory, launcher, metrics, work, wake, templates.restore_failed
     PoolManager                 → inventory, flavors, launcher, metrics, work, wake, templates, supervisor.stop_vm
-    VmService, RootfsService    → inventory (+ the supervisor, to stop a VM)
+    VmService, RootfsService    → inventory (+ the supervisor, to stop a VM; VmService: pool.claim for leases)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Node:
                                      restore_failed=self.templates.restore_failed)
         self.pool = PoolManager(settings, self.inventory, self.flavors, self.launcher, self.metrics, self.work,
                                 self.wake, templates=self.templates, stop_vm=self.supervisor.stop_vm)
-        self.vms = VmService(settings, self.inventory, self.supervisor)
+        self.vms = VmService(settings, self.inventory, self.supervisor, claim=self.pool.claim)
         self.rootfs = RootfsService(settings, self.inventory, self.launcher.jails.hand_over)
         self.ready = False
         self._loops: list[asyncio.Task] = []

@@ -48,6 +48,7 @@ class Supervisor:
         while True:
             try:
                 await self.check_processes()
+                await self.expire_leases()
                 if time.monotonic() - last_sweep >= SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     await self.sweep_orphans()
@@ -112,6 +113,15 @@ class Supervisor:
             launcher.cleanup(vm)
             self.metrics.forget_vm(vm.id)
             self.wake()
+
+    async def expire_leases(self) -> None:
+        """Stop claimed VMs whose lease (ttl_s, renewed by PATCH) has ended; the stop is logged as vm.expired."""
+        for vm_id in await asyncio.to_thread(self.inventory.expired):
+            if self.work.get(STOP, vm_id):
+                continue
+            if await self.stop_vm(vm_id, "lease expired (claimed with ttl_s and not renewed)", (CLAIMED,),
+                                  kind="vm.expired") is not None:
+                log.info("%s: lease expired, stopping", vm_id)
 
     # --- stopping -------------------------------------------------------------------------------------------
     async def stop_vm(self, vm_id: str, reason: str, from_states: tuple[str, ...] = (BOOTING, READY, CLAIMED),

@@ -5,27 +5,93 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import json
 import os
 import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from hypervisor.client import VmmClient, VmmError, VmmUnavailable
 from service.core.config import Settings
-from service.models import CLAIMED, TERMINAL_STATES, VM, Event
-from service.schemas import ExecRequest
-from service.services.errors import Conflict, VmmFailed
+from service.models import CLAIMED, TERMINAL_STATES, VM, Event, utcnow
+from service.schemas import ClaimRequest, ExecRequest, VMPatch
+from service.services import labels as labelling
+from service.services.errors import Conflict, Invalid, VmmFailed
 from service.services.inventory import Inventory
 from service.services.supervisor import Supervisor
 from service.services.work import blocking
 
 EXEC_OUTPUT_CAP = 1 << 20
 MAX_CONSOLE_TAIL = 16 << 20
+IDEMPOTENCY_KEY_TTL_S = 86400.0
+MAX_IDEMPOTENCY_KEY = 255
 
 
 class VmService:
-    """One VM's operations for the API; stopping is the supervisor's (`stop_vm`, `wait_stopped`)."""
+    """One VM's operations for the API; stopping is the supervisor's (`stop_vm`, `wait_stopped`), taking one from
+    the pool is `claim(flavor, wait) -> (vm, "hit"|"miss")`'s (the pool's)."""
 
-    def __init__(self, settings: Settings, inventory: Inventory, supervisor: Supervisor) -> None:
+    def __init__(self, settings: Settings, inventory: Inventory, supervisor: Supervisor,
+                 claim: Callable[[str, bool], Awaitable[tuple[VM, str]]]) -> None:
         self.settings, self.inventory, self.supervisor = settings, inventory, supervisor
+        self._claim = claim
+
+    async def claim(self, req: ClaimRequest, key: str | None) -> tuple[VM, str, bool]:
+        """Claim with a lease and labels; (vm, hit|miss, replayed). A key seen within a day with the same body
+        answers its VM again (replayed); with another body it is refused."""
+        labels = labelling.validate(req.labels)
+        if key is not None:
+            if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable() or not key.isascii():
+                raise Invalid(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+            digest = hashlib.sha256(json.dumps(req.model_dump(), sort_keys=True).encode()).hexdigest()
+            seen = await asyncio.to_thread(self.inventory.reserve_key, key, digest, IDEMPOTENCY_KEY_TTL_S)
+            if seen is not None:
+                if seen.request_hash != digest:
+                    raise Invalid(f"Idempotency-Key {key!r} was used within a day for a different request body: "
+                                  "use a new key for a new claim")
+                if seen.vm_id is None:
+                    raise Conflict(f"a claim with Idempotency-Key {key!r} is still in progress: retry shortly")
+                vm = await asyncio.to_thread(self.inventory.get, seen.vm_id)
+                return vm, "hit" if seen.hit else "miss", True
+        try:
+            vm, result = await self._claim(req.flavor, req.wait)
+            fields: dict = {}
+            if labels:
+                fields["labels"] = labels
+            if req.ttl_s is not None:
+                fields["expires_at"] = utcnow() + timedelta(seconds=req.ttl_s)
+            if fields:
+                vm = await asyncio.to_thread(self.inventory.patch, vm.id, "vm.leased", _describe(req.ttl_s, labels),
+                                             **fields)
+        except BaseException:
+            if key is not None:
+                await asyncio.to_thread(self.inventory.settle_key, key, None, None)
+            raise
+        if key is not None:
+            await asyncio.to_thread(self.inventory.settle_key, key, vm.id, result == "hit")
+        return vm, result, False
+
+    async def patch(self, vm_id: str, req: VMPatch) -> VM:
+        """Renew the lease (ttl_s from now) and/or merge labels (null removes one)."""
+        vm = await asyncio.to_thread(self.inventory.get, vm_id)
+        fields: dict = {}
+        if req.ttl_s is not None:
+            if vm.state != CLAIMED:
+                raise Conflict(f"VM {vm_id} is {vm.state}: only a claimed VM has a lease to renew")
+            fields["expires_at"] = utcnow() + timedelta(seconds=req.ttl_s)
+        if req.labels is not None:
+            merged = dict(vm.labels or {})
+            for k, v in req.labels.items():
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+            fields["labels"] = labelling.validate(merged)
+        if not fields:
+            return vm
+        return await asyncio.to_thread(self.inventory.patch, vm_id, "vm.renewed" if "expires_at" in fields
+                                       else "vm.labeled", _describe(req.ttl_s, fields.get("labels")), **fields)
 
     async def delete(self, vm_id: str, wait: bool = False) -> tuple[VM, bool]:
         """Stop the VM; returns (vm, done): done when it is already stopped/failed (or stopped while waiting)."""
@@ -77,3 +143,10 @@ class VmService:
 
     def events(self, vm_id: str) -> list[Event]:
         return self.inventory.events(vm_id)
+
+
+def _describe(ttl_s: int | None, labels: dict | None) -> str:
+    parts = [f"lease {ttl_s}s from now"] if ttl_s is not None else []
+    if labels is not None:
+        parts.append("labels " + (",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)"))
+    return "; ".join(parts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 TOKEN = "stub-token-0123456789"
 PHASES = ("vmm_setup", "kernel", "init_to_agent", "total")
@@ -222,9 +223,31 @@ class ContractStub:
             return {**vm, "claim": result}
 
         @app.get("/v1/vms")
-        def list_vms(flavor: str | None = None, state: str | None = None):
-            return [v for v in stub.vms.values()
-                    if (flavor is None or v["flavor"] == flavor) and (state is None or v["state"] == state)]
+        def list_vms(flavor: str | None = None, state: str | None = None, watch: bool = False):
+            def listed() -> dict[str, dict]:
+                return {k: dict(v) for k, v in stub.vms.items()
+                        if (flavor is None or v["flavor"] == flavor) and (state is None or v["state"] == state)}
+
+            if not watch:
+                return list(listed().values())
+
+            def events():  # pclited's watch shape: ADDED for what is there, then each change
+                seen: dict[str, dict] = {}
+                rv = 0
+                while True:
+                    now = listed()
+                    for vm_id, vm in now.items():
+                        if seen.get(vm_id) != vm:
+                            rv += 1
+                            kind = "MODIFIED" if vm_id in seen else "ADDED"
+                            yield json.dumps({"type": kind, "object": vm, "resourceVersion": rv}) + "\n"
+                    for vm_id in set(seen) - set(now):
+                        rv += 1
+                        yield json.dumps({"type": "DELETED", "object": seen[vm_id], "resourceVersion": rv}) + "\n"
+                    seen = now
+                    time.sleep(0.05)
+
+            return StreamingResponse(events(), media_type="application/x-ndjson")
 
         @app.get("/v1/vms/{vm_id}")
         def get_vm(vm_id: str):

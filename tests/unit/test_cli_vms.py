@@ -192,6 +192,8 @@ def test_get_vms_watch_prints_changes(cli, stub):
         stub.vms[vm].update(state="ready", boot_ms={"vmm_setup": 1.0, "kernel": 2.0, "init_to_agent": 3.0,
                                                     "total": 6.0})
         assert proc.stdout.readline().split()[:4] == [vm.encode(), b"default", b"ready", b"6.0ms"]
+        del stub.vms[vm]
+        assert proc.stdout.readline().split()[:3] == [vm.encode(), b"default", b"DELETED"]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

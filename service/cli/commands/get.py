@@ -89,9 +89,10 @@ def document(resource: str, item: dict) -> dict:
     return to_manifest(item)
 
 
-def fetch(client, resource: str, name: str | None, flavor: str | None, state: str | None) -> list[dict]:
+def fetch(client, resource: str, name: str | None, flavor: str | None, state: str | None,
+          selector: str | None = None) -> list[dict]:
     if resource == "vms":
-        return [client.get_vm(name)] if name else client.list_vms(flavor=flavor, state=state)
+        return [client.get_vm(name)] if name else client.list_vms(flavor=flavor, state=state, selector=selector)
     if resource == "flavors":
         return [client.get_flavor(name)] if name else client.list_flavors()
     return [client.get_pool(name)] if name else client.list_pools()
@@ -160,6 +161,22 @@ def watch(client, resource: str, name: str | None, flavor: str | None, state: st
         time.sleep(interval_s)
 
 
+def watch_vms(client, flavor: str | None, state: str | None, selector: str | None, fmt: str | None,
+              headers: bool = True) -> None:
+    """kubectl get -w on the server's watch stream: a row per change; a VM that goes prints as DELETED."""
+    first = headers
+    for event in client.watch_vms(flavor=flavor, state=state, selector=selector):
+        vm = event.get("object") or {}
+        if fmt in ("json", "yaml"):
+            output.print_doc(event, fmt, stream_sep=True)
+            continue
+        columns, rows = rows_for("vms", [vm], fmt == "wide")
+        if event.get("type") == "DELETED":
+            rows = [[vm.get("id"), vm.get("flavor"), "DELETED", *row[3:]] for row in rows]
+        output.print_table(columns, rows, header=first)
+        first = False
+
+
 @click.command("get", short_help="List VMs, flavors or pools (or show one).")
 @click.argument("resource", type=ResourceRef("vms", "flavors", "pools"), metavar="vms|flavors|pools")
 @click.argument("name", required=False, shell_complete=complete_names)
@@ -170,9 +187,10 @@ def watch(client, resource: str, name: str | None, flavor: str | None, state: st
 @click.option("--flavor", help="vms only: just this flavor's VMs.")
 @click.option("--state", type=click.Choice(["booting", "ready", "claimed", "stopping", "stopped", "failed"]),
               help="vms only: just VMs in this state.")
+@click.option("-l", "--selector", help="vms only: a label selector (a=b,c!=d,e,!f).")
 @click.option("--watch-interval", type=float, default=1.0, hidden=True)
 def get(resource: str, name: str | None, fmt: str | None, no_headers: bool, watching: bool, flavor: str | None,
-        state: str | None, watch_interval: float) -> None:
+        state: str | None, selector: str | None, watch_interval: float) -> None:
     """List VMs, flavors or pools, or show one by NAME (a VM's id, a flavor's or pool's name) or as TYPE/NAME.
 
     -o json|yaml prints the API objects (a List for several); flavors print as manifests `apply -f` takes back.
@@ -189,14 +207,17 @@ def get(resource: str, name: str | None, fmt: str | None, no_headers: bool, watc
         resource = RESOURCE_ALIASES[resource]
     if fmt and fmt.startswith("jsonpath=") and watching:
         raise click.UsageError("-w prints each change as it comes: use -o json|yaml|name with it, not jsonpath")
-    if (flavor or state) and resource != "vms":
-        raise click.UsageError("--flavor and --state filter VMs: use them with `get vms`")
+    if (flavor or state or selector) and resource != "vms":
+        raise click.UsageError("--flavor, --state and -l filter VMs: use them with `get vms`")
     client = app().client
     if watching:
         try:
-            watch(client, resource, name, flavor, state, fmt, watch_interval, headers=not no_headers)
+            if resource == "vms" and not name and fmt in (None, "wide", "json", "yaml"):
+                watch_vms(client, flavor, state, selector, fmt, headers=not no_headers)
+            else:
+                watch(client, resource, name, flavor, state, fmt, watch_interval, headers=not no_headers)
         except KeyboardInterrupt:
             return
         return
-    show(resource, fetch(client, resource, name, flavor, state), fmt, single=name is not None,
+    show(resource, fetch(client, resource, name, flavor, state, selector), fmt, single=name is not None,
          headers=not no_headers)
