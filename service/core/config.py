@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     # Pool refills boot at this nice value (0: as pclited) and get the normal priority back when claimed: a refill
     # is background work and must not slow the claimed VMs' containers down on a host short of CPUs.
     refill_nice: int = Field(10, ge=0, le=19)
-    # A jail per VMM (service/services/jail.py): None = on when pclited runs as root; what cannot be done is logged
-    # and exported (pclite_jail_enabled, /readyz). Uids/gids come from base .. base+count-1, one per live VM.
-    jail: bool | None = None
+    # A jail per VMM (service/services/jail.py): opt-in (true) until jailed guests pass in the lab (None = on when
+    # pclited runs as root); what is off is logged and exported (pclite_jail_enabled, /readyz). Uids/gids come from
+    # base .. base+count-1, one per live VM.
+    jail: bool | None = False
     jail_uid_base: int = Field(200000, ge=1000)
     jail_uid_count: int = Field(4096, ge=1)
     jail_cgroup: Path = Path("/sys/fs/cgroup/pclite")  # under cgroup v2, with memory, pids and cpu delegated

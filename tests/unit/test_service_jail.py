@@ -17,7 +17,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the jail plans uids an
 
 
 def settings(tmp_path, **extra) -> Settings:
-    return Settings(data_dir=tmp_path / "data", run_dir=tmp_path / "run", **extra)
+    return Settings(data_dir=tmp_path / "data", run_dir=tmp_path / "run", **{"jail": None, **extra})  # on as root
 
 
 @root_only

@@ -163,8 +163,9 @@ def test_a_vmm_that_does_not_get_ready_in_time_is_killed(sqlite_harness):
 def test_kill_9_of_a_booting_vmm_is_a_crash(sqlite_harness):
     service = sqlite_harness.server(boot_timeout_s=60, degrade_after_failures=1, backoff_base_s=30)
     with service.client() as api:
-        api.post("/v1/flavors", json={"name": "victim", "mem_mib": 128, "pool_target": 1})
-        vm = service.wait_for(lambda: next((v for v in vms_of(api, "victim") if v["pid"]), None), 10)
+        # A cold boot: a clone pool first waits for its template build, which on a loaded host outlasts the wait.
+        api.post("/v1/flavors", json={"name": "victim", "mem_mib": 128, "pool_target": 1, "clone": False})
+        vm = service.wait_for(lambda: next((v for v in vms_of(api, "victim") if v["pid"]), None), 30)
         service.wait_for(lambda: vmm_processes(sqlite_harness.run_dir), 5, message="the VMM process")
         os.kill(vm["pid"], signal.SIGKILL)
         failed = service.wait_for(lambda: (v := api.get(f"/v1/vms/{vm['id']}").json())["state"] == "failed" and v, 10)
