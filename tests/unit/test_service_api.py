@@ -65,7 +65,9 @@ def test_readyz_says_why_without_the_exception_text():
         body = assert_problem(response, 503, "database unreachable")
         assert body["detail"] == "not ready: database unreachable (see pclited's log)", body
         assert str(postgres.port) not in response.text and "127.0.0.1" not in response.text
-        assert "readyz: database ping failed" in service.log() and str(postgres.port) in service.log()
+        # The driver's words go to the log (they name the port only when the connect fails, not when a pooled
+        # connection is cut, so only the line itself is checked).
+        assert "readyz: database ping failed" in service.log()
     finally:
         service.stop()
         postgres.stop()
