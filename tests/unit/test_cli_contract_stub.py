@@ -402,7 +402,7 @@ def start_pclited(home: Path, *, cache: Path, **env: str) -> tuple[subprocess.Po
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     config_file = home / ".config" / "pclite" / "config"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # the emulated lab imports pclited over 9p: tens of seconds there
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"pclited exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
@@ -415,7 +415,7 @@ def start_pclited(home: Path, *, cache: Path, **env: str) -> tuple[subprocess.Po
                     return proc, config
         if time.monotonic() > deadline:
             stop_pclited(proc)
-            raise RuntimeError(f"pclited did not get ready in 60s:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"pclited did not get ready in 180s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
 
 
