@@ -188,8 +188,19 @@ class Pclited:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout_s}s waiting for {message or what}\n"
-                                     f"pclited log tail:\n{self.log()[-3000:]}")
+                                     f"pclited log tail:\n{self.log()[-3000:]}\n{self.vm_logs()}")
             time.sleep(interval_s)
+
+    def vm_logs(self, newest: int = 2, chars: int = 1500) -> str:
+        """The console and VMM log tails of the newest VMs: why a boot did not become ready."""
+        dirs = sorted((self.data_dir / "vms").glob("vm-*"), key=lambda d: d.stat().st_mtime)[-newest:]
+        parts = []
+        for vm_dir in dirs:
+            for name in ("console.log", "vmm.log"):
+                with contextlib.suppress(OSError):
+                    text = (vm_dir / name).read_bytes()[-chars:].decode(errors="replace")
+                    parts.append(f"--- {vm_dir.name}/{name} (tail)\n{text}")
+        return "\n".join(parts)
 
 
 def vmm_processes(run_dir: Path) -> dict[str, int]:

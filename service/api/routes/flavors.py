@@ -7,14 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from service.api.deps import V1, NodeDep
-from service.schemas import FlavorOut, FlavorPatch, FlavorSpec
+from service.schemas import FlavorOut, FlavorPatch, FlavorSpec, TemplateOut
 
 router = APIRouter(prefix="/v1/flavors", tags=["flavors"], dependencies=V1)
 
 
 def out(node, flavor) -> FlavorOut:
     """The stored flavor plus its template's state (pclited's own, in memory)."""
-    return FlavorOut.model_validate(flavor).model_copy(update={"template": node.templates.status(flavor)})
+    status = node.templates.status(flavor)  # model_copy does not validate: a dict would serialize with warnings
+    template = None if status is None else TemplateOut.model_validate(status)
+    return FlavorOut.model_validate(flavor).model_copy(update={"template": template})
 
 
 @router.get("", response_model=list[FlavorOut])
