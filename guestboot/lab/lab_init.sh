@@ -6,7 +6,11 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 fail() { echo "pclite-lab: lab init failed: $*" > /dev/console; poweroff -f; }
 for module in $(cat /etc/lab-modules); do
-  insmod "/lib/modules/$module" 2>/dev/console || fail "insmod $module"
+  args=""
+  # Shadow paging: with nested paging, TCG's emulated NPT under MTTCG corrupts guests that boot at the same
+  # time on different lab CPUs (triple faults, stuck boots, once a lab-kernel stack overflow).
+  case "$module" in *kvm-amd*) args="npt=0" ;; esac
+  insmod "/lib/modules/$module" $args 2>/dev/console || fail "insmod $module"
 done
 [ -e /dev/kvm ] || fail "kvm-amd loaded but /dev/kvm is missing (is QEMU running with -cpu max?)"
 p9="trans=virtio,version=9p2000.L,msize=512000"
