@@ -212,6 +212,8 @@ class PoolManager:
             await asyncio.to_thread(self.inventory.update, vm.id, pid=proc.pid)
             if (await asyncio.to_thread(self.inventory.get, vm.id)).state != BOOTING:
                 raise _Released  # deleted while its VMM was being started
+            # The boot timeout is the VMM's: starting it (the fork server, the images) may have taken a while.
+            since = utcnow()
         return await self._wait_agent(vm, grace_s=min(5.0, self.settings.boot_timeout_s) if adopted else 0.0,
                                       since=since)
 
@@ -235,7 +237,8 @@ class PoolManager:
 
     async def _wait_agent(self, vm: VM, grace_s: float, since=None) -> dict:
         """The VMM's status once its agent is ready; BootError when the VMM dies or the boot times out. The
-        timeout counts from the VM's creation, or `since` (an adopted VM gets grace_s more, it may have been close)."""
+        timeout counts from `since` (its VMM's start), else the VM's creation (an adopted VM gets grace_s more, it
+        may have been close)."""
         launcher = self.launcher
         elapsed = (utcnow() - (since or vm.created_at)).total_seconds()
         deadline = time.monotonic() + max(grace_s, self.settings.boot_timeout_s - elapsed)
@@ -270,7 +273,8 @@ class PoolManager:
         timeline = status.get("timeline_ms") or {}
         phases = boot_phases(timeline, vm.source)
         now = utcnow()
-        fields = {"ready_at": now, "boot_ms": phases, "timeline_ms": timeline, "pid": status.get("pid") or vm.pid}
+        # The host's pid first: a jailed VMM is pid 1 of its own pid namespace, and says so in its status.
+        fields = {"ready_at": now, "boot_ms": phases, "timeline_ms": timeline, "pid": vm.pid or status.get("pid")}
         total = (phases or {}).get("total")
         how = "restored" if vm.source == CLONE else "boot"
         ready_msg = f"agent ready ({how} {total:.0f} ms)" if total is not None else "agent ready"

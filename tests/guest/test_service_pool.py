@@ -17,9 +17,9 @@ import pytest
 
 from tests.support.servers import running_pclited, vmm_processes
 
-STEP_S = 45.0  # per step: a few lab boots, two at a time
+STEP_S = 90.0  # per step: a few lab boots, two at a time (the first two also wait for the fork server)
 SETTINGS = {"boot_concurrency": 2, "pool_tick_s": 0.2, "supervise_interval_s": 0.1, "health_interval_s": 2,
-            "boot_timeout_s": 40, "stop_timeout_s": 5, "backoff_base_s": 1, "degrade_after_failures": 3}
+            "boot_timeout_s": 60, "stop_timeout_s": 5, "backoff_base_s": 1, "degrade_after_failures": 3}
 
 
 @pytest.fixture
