@@ -29,10 +29,10 @@ MIN_FLOOD_MIB = 128       # the least that makes the test mean something (2x the
 
 
 
-# Written this session; failed in both of its lab runs so far (first with a lab-kernel panic, then in the shared VM's
-# set-up and the tests). The bounds they check are covered on the host (test_agent_bounds, test_capped_log,
-# test_unpack_bombs); until the lab failure is read these are reported as expected failures, not run.
-NOT_PASSING_YET = pytest.mark.xfail(run=False, reason="issue 12: hostile-guest lab tests not passing yet (session 5)")
+# Too slow for the lab: its guests run under shadow paging (npt=0), where the forger's pipes reach ~50 MiB in 4
+# minutes and a console flood takes longer than the exec's timeout to stop. The host covers the same bounds
+# (test_agent_bounds, test_capped_log); these are expected failures, not run, until they fit the lab.
+TOO_SLOW_FOR_THE_LAB = pytest.mark.xfail(run=False, reason="issue 12: the flood does not fit the lab's time")
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
@@ -70,7 +70,7 @@ def vmm_threads(vm) -> int:
     return len(os.listdir(f"/proc/{vm.proc.pid}/task"))
 
 
-@NOT_PASSING_YET
+@TOO_SLOW_FOR_THE_LAB
 def test_forged_gigabyte_of_stdout_under_a_1_mib_cap(vm):
     exec_id = next_request_id(vm)
     frame = P.encode_frame(P.MsgType.STDOUT, exec_id, b"x" * P.MAX_OUTPUT_CHUNK)  # the agent would send <= 1 MiB
@@ -96,7 +96,6 @@ def test_forged_gigabyte_of_stdout_under_a_1_mib_cap(vm):
     assert growth_mib < 64
 
 
-@NOT_PASSING_YET
 def test_malformed_exit_ends_a_streamed_exec_within_a_second(vm):
     exec_id = next_request_id(vm)
     bad_exit = P.encode_frame(P.MsgType.EXIT, exec_id, b"\x00\x00\x00")  # EXIT needs 16 bytes
@@ -121,7 +120,6 @@ def test_malformed_exit_ends_a_streamed_exec_within_a_second(vm):
     assert vm.client.ping() < 5  # the channel itself is fine
 
 
-@NOT_PASSING_YET
 def test_blocked_stdin_delays_neither_ping_nor_another_exec(vm):
     baseline_ping = min(vm.client.ping() for _ in range(3))
     started = time.monotonic()
@@ -152,7 +150,7 @@ def test_blocked_stdin_delays_neither_ping_nor_another_exec(vm):
     assert kinds[-1] == "exit"
 
 
-@NOT_PASSING_YET
+@TOO_SLOW_FOR_THE_LAB
 def test_console_flood_leaves_console_log_at_its_cap(vm):
     script = "( i=0; while :; do echo \"console flood line $i\"; i=$((i + 1)); done > /dev/ttyS0 ); true"
     result = vm.client.exec(["sh", "-c", script], timeout_s=15)

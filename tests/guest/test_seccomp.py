@@ -202,8 +202,8 @@ def template(tmp_path_factory):
 # The allow-list came from host straces; in the lab these paths still hit a syscall it lacks (session 5). The filter
 # goes on only with the opt-in jail; these are reported as expected failures, not run, until the lab trace is read
 # (tests/guest/seccomp_learn.py prints what the filter would deny).
-ALLOW_LIST_INCOMPLETE = pytest.mark.xfail(run=False, reason="issue 12: the seccomp allow-list misses a syscall of "
-                                          "this path in the lab (session 5)")
+ALLOW_LIST_INCOMPLETE = pytest.mark.xfail(run=False, reason="issue 12: the set-up of these is wrong (a container "
+                                          "rootfs without /bin/sh, a snapshot of a VM with a writable disk)")
 
 
 def test_a_filtered_cold_boot_runs_execs(template):
