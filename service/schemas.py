@@ -37,12 +37,18 @@ def _check_cmdline(value: str) -> str:
     try:
         encode_cmdline(value, MAX_CMDLINE_EXTRA)
     except LoaderError as exc:
-        raise ValueError(str(exc).replace("kernel command line", "cmdline_extra", 1)) from None
+        raise ValueError("cmdline_extra must be one line of printable ASCII: "
+                         + str(exc).replace("kernel command line ", "", 1)) from None
     return value.strip()
 
 
 def _no_default(schema: dict) -> None:
     schema.pop("default", None)
+
+
+def _cmdline_schema(schema: dict) -> None:
+    schema["pattern"] = CMDLINE_PATTERN  # the validator checks it, with a clearer message than a pattern's
+    _no_default(schema)
 
 
 def _optional(**constraints):
@@ -56,7 +62,7 @@ class FlavorSpec(_In):
     name: str | None = Field(None, pattern=NAME_PATTERN, max_length=63, description="DNS label: a-z, 0-9, '-'")
     kernel: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in kernel")
     initrd: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in initramfs")
-    cmdline_extra: str = Field("", max_length=MAX_CMDLINE_EXTRA, pattern=CMDLINE_PATTERN,
+    cmdline_extra: str = Field("", max_length=MAX_CMDLINE_EXTRA, json_schema_extra={"pattern": CMDLINE_PATTERN},
                                description="appended to the kernel command line: printable ASCII")
     vcpus: int = Field(1, ge=1, le=MAX_VCPUS)
     mem_mib: int = Field(256, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
@@ -75,16 +81,10 @@ class FlavorSpec(_In):
         return self
 
 
-class FlavorCreate(FlavorSpec):
-    """POST /v1/flavors: the name is required."""
-
-    name: str = Field(pattern=NAME_PATTERN, max_length=63, description="DNS label: a-z, 0-9, '-'")
-
-
 class FlavorPatch(_In):
     kernel: str | None = Field(None, max_length=4096)
     initrd: str | None = Field(None, max_length=4096)
-    cmdline_extra: str = _optional(max_length=MAX_CMDLINE_EXTRA, pattern=CMDLINE_PATTERN)
+    cmdline_extra: str = Field(None, max_length=MAX_CMDLINE_EXTRA, json_schema_extra=_cmdline_schema)
     vcpus: int = _optional(ge=1, le=MAX_VCPUS)
     mem_mib: int = _optional(ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
     pool_min: int = _optional(ge=0, le=MAX_POOL)

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from service.api.deps import V1, NodeDep
-from service.schemas import NAME_PATTERN, FlavorCreate, FlavorOut, FlavorPatch, FlavorSpec, TemplateOut
+from service.schemas import FlavorOut, FlavorPatch, FlavorSpec, TemplateOut
 
 router = APIRouter(prefix="/v1/flavors", tags=["flavors"], dependencies=V1)
-Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=63, description="the flavor's DNS label")]
+Name = Annotated[str, Path(description="the flavor's DNS label")]
 
 
 def out(node, flavor) -> FlavorOut:
@@ -29,7 +29,7 @@ DryRun = Annotated[bool, Query(description="validate and answer with the result,
 
 
 @router.post("", response_model=FlavorOut, status_code=201)
-async def create_flavor(spec: FlavorCreate, node: NodeDep, dry_run: DryRun = False):
+async def create_flavor(spec: FlavorSpec, node: NodeDep, dry_run: DryRun = False):
     flavor = await asyncio.to_thread(partial(node.flavors.create, spec, dry_run=dry_run))
     if not dry_run:
         node.pool.wake()

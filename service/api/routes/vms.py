@@ -18,7 +18,6 @@ from service.api.middleware import TAR_TYPES, media_type
 from service.models import TERMINAL_STATES
 from service.schemas import (
     NAME_PATTERN,
-    VM_ID_PATTERN,
     ClaimOut,
     ClaimRequest,
     EventOut,
@@ -35,7 +34,7 @@ from service.services.errors import Invalid
 from service.services.vms import MAX_CONSOLE_TAIL
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"], dependencies=V1)
-VmId = Annotated[str, Path(pattern=VM_ID_PATTERN, description="the VM's id (vm-…)")]
+VmId = Annotated[str, Path(description="the VM's id (vm-…)")]
 
 
 @router.post("", response_model=ClaimOut, status_code=201,
