@@ -22,8 +22,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from service.api import errors
+from service.api import errors, openapi
 from service.api.middleware import Guard
+from service.api.observe import RequestMetrics
 from service.api.routes import flavors, health, pools, vms
 from service.auth import BadToken, ensure_token, write_client_config
 from service.core.config import Settings, load_settings
@@ -51,13 +52,17 @@ def create_app(settings: Settings, token: str, db: Database | None = None) -> Fa
 
     # No /docs UI: every page but the probes needs the token, which a browser would not send.
     app = FastAPI(title="pclited", version=health.pclite_version(), lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description="Warm pools of pclite microVMs: claim a ready VM in milliseconds.")
+                  redoc_url=None, description="Warm pools of pclite microVMs: claim a ready VM in milliseconds.",
+                  generate_unique_id_function=openapi.operation_id)
     app.state.node = node
     errors.install(app)
     for module in (flavors, pools, vms, health):
         app.include_router(module.router)
     hint = "use the token from --config/PCLITE_TOKEN" if settings.token else f"the token is in {settings.token_path}"
     app.add_middleware(Guard, token=token, token_hint=hint)
+    app.add_middleware(RequestMetrics, fastapi_app=app, metrics=node.metrics)
+    node.metrics.set_version(app.version)
+    openapi.install(app)
     return app
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Literal
 
@@ -21,26 +20,50 @@ MAX_TTL_S = 30 * 86400
 VMState = Literal["booting", "ready", "claimed", "stopping", "stopped", "failed"]
 VMSource = Literal["cold", "clone"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+VM_ID_PATTERN = r"^vm-[a-z0-9-]{1,60}$"
+# What guestboot.cmdline.encode_cmdline accepts: printable ASCII (a refused flavor would fail every boot).
+CMDLINE_PATTERN = r"^[ -~]*$"
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+    # extra: a misspelt field is an error, not silently ignored; strict: no false for 0 nor 0 for false.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _check_cmdline(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("cmdline_extra must be one line of printable text (no newlines, tabs or NUL)")
+    from guestboot.cmdline import encode_cmdline
+    from guestboot.plan import LoaderError
+
+    try:
+        encode_cmdline(value, MAX_CMDLINE_EXTRA)
+    except LoaderError as exc:
+        raise ValueError("cmdline_extra must be one line of printable ASCII: "
+                         + str(exc).replace("kernel command line ", "", 1)) from None
     return value.strip()
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def _cmdline_schema(schema: dict) -> None:
+    schema["pattern"] = CMDLINE_PATTERN  # the validator checks it, with a clearer message than a pattern's
+    _no_default(schema)
+
+
+def _optional(**constraints):
+    """A PATCH field: may be left out, never null (the service refuses null; the schema says so)."""
+    return Field(None, json_schema_extra=_no_default, **constraints)
 
 
 class FlavorSpec(_In):
     """POST /v1/flavors and PUT /v1/flavors/{name} (name optional there; it must match the path)."""
 
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="DNS label: a-z, 0-9, '-'")
+    name: str | None = Field(None, pattern=NAME_PATTERN, max_length=63, description="DNS label: a-z, 0-9, '-'")
     kernel: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in kernel")
     initrd: str | None = Field(None, max_length=4096, description="absolute path; null = the built-in initramfs")
-    cmdline_extra: str = Field("", max_length=MAX_CMDLINE_EXTRA)
+    cmdline_extra: str = Field("", max_length=MAX_CMDLINE_EXTRA, json_schema_extra={"pattern": CMDLINE_PATTERN},
+                               description="appended to the kernel command line: printable ASCII")
     vcpus: int = Field(1, ge=1, le=MAX_VCPUS)
     mem_mib: int = Field(256, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
     pool_min: int = Field(0, ge=0, le=MAX_POOL)
@@ -61,18 +84,15 @@ class FlavorSpec(_In):
 class FlavorPatch(_In):
     kernel: str | None = Field(None, max_length=4096)
     initrd: str | None = Field(None, max_length=4096)
-    cmdline_extra: str | None = Field(None, max_length=MAX_CMDLINE_EXTRA)
-    vcpus: int | None = Field(None, ge=1, le=MAX_VCPUS)
-    mem_mib: int | None = Field(None, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
-    pool_min: int | None = Field(None, ge=0, le=MAX_POOL)
-    pool_target: int | None = Field(None, ge=0, le=MAX_POOL)
-    max_age_s: int | None = Field(None, ge=0, le=MAX_AGE_S)
-    clone: bool | None = None
+    cmdline_extra: str = Field(None, max_length=MAX_CMDLINE_EXTRA, json_schema_extra=_cmdline_schema)
+    vcpus: int = _optional(ge=1, le=MAX_VCPUS)
+    mem_mib: int = _optional(ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
+    pool_min: int = _optional(ge=0, le=MAX_POOL)
+    pool_target: int = _optional(ge=0, le=MAX_POOL)
+    max_age_s: int = _optional(ge=0, le=MAX_AGE_S)
+    clone: bool = _optional()
 
-    @field_validator("cmdline_extra")
-    @classmethod
-    def _cmdline(cls, value):
-        return None if value is None else _check_cmdline(value)
+    _cmdline = field_validator("cmdline_extra")(_check_cmdline)
 
 
 TemplateState = Literal["disabled", "pending", "building", "ready", "failed"]
@@ -161,7 +181,7 @@ class ClaimOut(VMOut):
 
 
 class ClaimRequest(_In):
-    flavor: str = Field(min_length=1, max_length=63)
+    flavor: str = Field(pattern=NAME_PATTERN, max_length=63)
     wait: bool = Field(True, description="on a miss, cold-boot and wait (true) or answer 503 (false)")
     ttl_s: int | None = Field(None, ge=1, le=MAX_TTL_S, strict=True,
                               description="a lease: the VM is stopped this long after the claim unless renewed "
@@ -263,9 +283,9 @@ class VersionOut(BaseModel):
 
 
 class Problem(BaseModel):
-    """RFC 7807 problem details (application/problem+json)."""
+    """RFC 7807 problem details (application/problem+json): every 4xx and 5xx answer."""
 
-    type: str
+    type: str = Field(description="urn:pclite:problem:<slug>, e.g. urn:pclite:problem:not-found")
     title: str
-    status: int
-    detail: str
+    status: int = Field(ge=400, le=599)
+    detail: str = Field(description="what was wrong and what to do")

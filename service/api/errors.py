@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.paths import match_path
 from service.services.errors import ServiceError
 
 log = logging.getLogger("pclited")
@@ -49,6 +50,16 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(messages) + ". Fix these fields and retry (schemas: GET /openapi.json)."
 
 
+def allowed_methods(request: Request, fallback: str) -> str:
+    """Every method the API has on this path (Starlette's own Allow names only the first route's: one route per
+    method here)."""
+    found = match_path(request.app, request.url.path)
+    if not found:
+        return fallback
+    methods = found[1] | ({"HEAD"} if "GET" in found[1] else set())
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_request: Request, exc: ServiceError):
@@ -63,9 +74,12 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint {request.url.path}: the API is described at /openapi.json"
-        elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}: see /openapi.json"
-        return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = allowed_methods(request, (headers or {}).get("Allow", ""))
+            detail = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+            headers = {**(headers or {}), "Allow": allowed}
+        return problem(exc.status_code, detail, headers=headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):

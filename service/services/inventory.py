@@ -138,7 +138,7 @@ class Inventory:
     def live_brief(self) -> list:
         """Live VMs as light rows (no ORM objects): what the loops that run several times a second need."""
         columns = (VM.id, VM.flavor, VM.flavor_generation, VM.pooled, VM.state, VM.pid, VM.api_socket,
-                   VM.console_path, VM.created_at, VM.ready_at, VM.source, VM.template)
+                   VM.console_path, VM.created_at, VM.ready_at, VM.source, VM.template, VM.mem_mib)
         with self.db.read() as s:
             return list(s.execute(select(*columns).where(VM.state.in_(LIVE_STATES)).order_by(VM.created_at)))
 
@@ -150,6 +150,12 @@ class Inventory:
     def state_counts(self) -> dict[str, int]:
         with self.db.read() as s:
             return dict(s.execute(select(VM.state, func.count()).group_by(VM.state)).tuples().all())
+
+    def flavor_state_counts(self) -> dict[tuple[str, str], int]:
+        """{(flavor, state): VMs} over the whole inventory (for pclite_vms)."""
+        with self.db.read() as s:
+            rows = s.execute(select(VM.flavor, VM.state, func.count()).group_by(VM.flavor, VM.state)).tuples().all()
+        return {(flavor, state): n for flavor, state, n in rows}
 
     def pool_counts(self) -> dict[str, Counter]:
         """{flavor: Counter(state → live VMs)}."""

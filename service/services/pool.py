@@ -104,8 +104,12 @@ class PoolManager:
             await self._drain(name, vms)
         for name in set(self.health) - {f.name for f in flavors}:
             del self.health[name]
-        self.metrics.set_pools(gauges)
-        self.metrics.set_vm_states(await asyncio.to_thread(self.inventory.state_counts))
+        degraded = {f.name for f in flavors if self.degraded_reason(f, gauges[f.name][0])}
+        self.metrics.set_pools(gauges, degraded)
+        self.metrics.set_vm_states(await asyncio.to_thread(self.inventory.flavor_state_counts))
+        # Each row's own mem_mib, as new_vm's quota check counts it (a flavor's may have changed since).
+        self.metrics.set_quota({"vms": self.settings.max_vms, "guest_mem_mib": self.settings.max_guest_mem_mib},
+                               {"vms": len(live), "guest_mem_mib": sum(vm.mem_mib for vm in live)})
 
     async def drain(self, flavor_name: str) -> None:
         """The flavor was deleted: stop its pool (claimed VMs stay their claimants')."""

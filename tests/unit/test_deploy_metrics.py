@@ -42,9 +42,12 @@ def declared_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     found = {}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in ("Counter", "Gauge", "Histogram", "Summary")):
+                and node.func.id in ("Counter", "Gauge", "Histogram", "Summary", "Info")):
             continue
         name = ast.literal_eval(node.args[0])
+        if node.func.id == "Info":  # exported as a gauge <name>_info{labels of its dict} (service/metrics.py)
+            found[name + "_info"] = ("gauge", ("version",))
+            continue
         labels_node = node.args[2] if len(node.args) > 2 else next(
             (k.value for k in node.keywords if k.arg == "labelnames"), None)
         labels = tuple(ast.literal_eval(labels_node)) if labels_node is not None else ()
@@ -60,7 +63,8 @@ def exported_samples() -> dict[str, set[str]]:
     from service.metrics import Metrics
 
     declared = declared_metrics()
-    live = {family.name: family.type for family in Metrics().registry.collect()}
+    live = {family.name + ("_info" if family.type == "info" else ""): "gauge" if family.type == "info" else family.type
+            for family in Metrics().registry.collect() if family.name.startswith("pclite_")}
     assert {name: kind for name, (kind, _) in declared.items()} == live, "service/metrics.py and its registry differ"
     samples = {}
     for name, (kind, labels) in declared.items():
@@ -263,3 +267,83 @@ def test_alerts_fire_when_a_pool_empties_and_claims_miss(tmp_path):
     path.write_text(yaml.safe_dump(test))
     result = promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- a real pclited's exposition --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exposition() -> str:
+    from tests.support.servers import running_pclited
+
+    with running_pclited() as svc, svc.client() as api:
+        assert api.get("/v1/flavors").status_code == 200
+        assert api.get("/v1/vms/vm-nope").status_code == 404
+        return api.get("/metrics").text
+
+
+def exposed_families(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+
+
+@needs_promtool
+def test_promtool_accepts_a_real_exposition(exposition):
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    families = exposed_families(exposition)
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info",
+                 "python_gc_collections_total", "pclite_build_info", "pclite_http_requests_total",
+                 "pclite_http_request_duration_seconds", "pclite_pool_degraded", "pclite_quota_limit",
+                 "pclite_quota_used"):
+        assert name in families, f"{name} missing from /metrics"
+    assert re.search(r'^pclite_build_info\{version="[^"]+"\} 1\.0$', exposition, re.M)
+    assert re.search(r'^pclite_http_requests_total\{method="GET",route="/v1/vms/\{vm_id\}",status="404"\} 1\.0$',
+                     exposition, re.M), "requests are counted by route template, not raw path"
+    assert "vm-nope" not in exposition
+    from service.metrics import BUCKETS
+
+    assert BUCKETS[0] < 0.001, "claim latency (a pool hit) is sub-millisecond: so are the first buckets"
+    assert 'pclite_http_request_duration_seconds_bucket{le="0.0001"' in exposition, "sub-millisecond buckets"
+    assert re.search(r'^pclite_quota_limit\{resource="vms"\} \d', exposition, re.M)
+
+
+def test_dashboard_and_alerts_use_only_metrics_of_a_real_exposition(exposition):
+    samples = set()
+    for name, kind in exposed_families(exposition).items():
+        base = name.removesuffix("_total") if kind == "counter" else name
+        samples |= {base + suffix for suffix in SUFFIXES.get(kind, ("",))}
+    for where, expr in ALL_QUERIES:
+        for name, _ in selectors(expr):
+            assert name in samples | BUILTIN_METRICS, f"{where}: {name} is not in a real pclited's /metrics"
+
+
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests"
+
+
+def runbook_alerts() -> list[dict]:
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    return [r for r in rules if "runbook_url" in r.get("annotations", {})]
+
+
+def test_claim_degraded_and_quota_alerts_link_a_readme_runbook():
+    alerts = {r["alert"]: r for r in runbook_alerts()}
+    assert {"PcliteClaimErrors", "PclitePoolDegraded", "PcliteQuotaNearlyFull"} <= set(alerts)
+    readme = (ROOT / "README.md").read_text()
+    anchors = {"runbook-" + re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-").removeprefix("runbook-")
+               for h in re.findall(r"^#+ (Runbook: .+)$", readme, re.M)}
+    for name, rule in alerts.items():
+        path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert path == "README.md" and anchor in anchors, f"{name}: no README section #{anchor} ({anchors})"
+
+
+@needs_promtool
+@pytest.mark.parametrize("alert", [r["alert"] for r in runbook_alerts()])
+def test_each_runbook_alert_has_a_passing_promtool_rule_test(alert):
+    tests = [p for p in RULE_TESTS.glob("*.yml") if f"alertname: {alert}\n" in p.read_text()]
+    assert tests, f"no promtool rule test under {RULE_TESTS} for {alert}"
+    for path in tests:
+        fires = yaml.safe_load(path.read_text())["tests"][0]["alert_rule_test"]
+        assert any(case["alertname"] == alert and case["exp_alerts"] for case in fires), f"{path}: never fires"
+        result = promtool("test", "rules", path.name, cwd=RULE_TESTS)
+        assert result.returncode == 0, result.stdout + result.stderr

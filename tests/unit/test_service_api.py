@@ -81,7 +81,7 @@ def test_probes_and_metrics_need_no_token(server):
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in METRICS:
         assert f"# TYPE {name.removesuffix('_total')} " in metrics.text or f"# TYPE {name} " in metrics.text, name
-    assert 'pclite_vms{state="ready"}' in metrics.text
+    assert 'pclite_build_info{version=' in metrics.text and 'process_cpu_seconds_total' in metrics.text
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/v1/flavors"), ("POST", "/v1/vms"), ("GET", "/v1/version"),

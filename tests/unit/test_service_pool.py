@@ -139,7 +139,8 @@ def test_boot_failures_fail_the_vm_log_events_and_degrade_the_flavor_with_backof
         assert int(claim.headers["retry-after"]) >= 1
         assert metric(api, 'pclite_claims_total{flavor="broken",result="error"}') == 1
         assert metric(api, "pclite_vmm_crashes_total") == 0, "a VMM that reports a boot error did not crash"
-        assert metric(api, 'pclite_vms{state="failed"}') >= 3
+        assert metric(api, 'pclite_vms{flavor="broken",state="failed"}') >= 3
+        assert metric(api, 'pclite_pool_degraded{flavor="broken"}') == 1
         assert api.patch("/v1/pools/broken", json={"target": 0}).status_code == 200
         time.sleep(0.5)
         assert not vmm_processes(harness.run_dir), "no VMM left behind"

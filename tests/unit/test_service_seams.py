@@ -85,6 +85,9 @@ class FakeInventory:
     def state_counts(self) -> dict[str, int]:
         return dict(Counter(vm.state for vm in self.vms.values()))
 
+    def flavor_state_counts(self) -> dict[tuple[str, str], int]:
+        return dict(Counter((vm.flavor, vm.state) for vm in self.vms.values()))
+
     def pool_counts(self) -> dict[str, Counter]:
         return {}
 

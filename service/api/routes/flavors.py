@@ -4,12 +4,13 @@ import asyncio
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from service.api.deps import V1, NodeDep
 from service.schemas import FlavorOut, FlavorPatch, FlavorSpec, TemplateOut
 
 router = APIRouter(prefix="/v1/flavors", tags=["flavors"], dependencies=V1)
+Name = Annotated[str, Path(description="the flavor's DNS label")]
 
 
 def out(node, flavor) -> FlavorOut:
@@ -36,12 +37,12 @@ async def create_flavor(spec: FlavorSpec, node: NodeDep, dry_run: DryRun = False
 
 
 @router.get("/{name}", response_model=FlavorOut)
-async def get_flavor(name: str, node: NodeDep):
+async def get_flavor(name: Name, node: NodeDep):
     return out(node, await asyncio.to_thread(node.flavors.get, name))
 
 
 @router.put("/{name}", response_model=FlavorOut, responses={201: {"model": FlavorOut}})
-async def put_flavor(name: str, spec: FlavorSpec, node: NodeDep, response: Response, dry_run: DryRun = False):
+async def put_flavor(name: Name, spec: FlavorSpec, node: NodeDep, response: Response, dry_run: DryRun = False):
     flavor, created = await asyncio.to_thread(partial(node.flavors.replace, name, spec, dry_run=dry_run))
     response.status_code = 201 if created else 200
     if not dry_run:
@@ -50,7 +51,7 @@ async def put_flavor(name: str, spec: FlavorSpec, node: NodeDep, response: Respo
 
 
 @router.patch("/{name}", response_model=FlavorOut)
-async def patch_flavor(name: str, patch: FlavorPatch, node: NodeDep, dry_run: DryRun = False):
+async def patch_flavor(name: Name, patch: FlavorPatch, node: NodeDep, dry_run: DryRun = False):
     flavor = await asyncio.to_thread(partial(node.flavors.patch, name, patch, dry_run=dry_run))
     if not dry_run:
         node.pool.flavor_changed(name)
@@ -58,7 +59,7 @@ async def patch_flavor(name: str, patch: FlavorPatch, node: NodeDep, dry_run: Dr
 
 
 @router.delete("/{name}", status_code=204)
-async def delete_flavor(name: str, node: NodeDep):
+async def delete_flavor(name: Name, node: NodeDep):
     await asyncio.to_thread(node.flavors.delete, name)
     await node.pool.drain(name)
     return Response(status_code=204)

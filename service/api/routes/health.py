@@ -34,7 +34,7 @@ async def readyz(node: NodeDep):
 
 
 @router.get("/metrics")
-async def metrics(node: NodeDep):
+async def get_metrics(node: NodeDep):
     return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
 

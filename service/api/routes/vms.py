@@ -5,9 +5,10 @@ import base64
 import binascii
 import json
 from datetime import datetime
+from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
@@ -16,6 +17,7 @@ from service.api.deps import V1, NodeDep
 from service.api.middleware import TAR_TYPES, media_type
 from service.models import TERMINAL_STATES
 from service.schemas import (
+    NAME_PATTERN,
     ClaimOut,
     ClaimRequest,
     EventOut,
@@ -32,6 +34,7 @@ from service.services.errors import Invalid
 from service.services.vms import MAX_CONSOLE_TAIL
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"], dependencies=V1)
+VmId = Annotated[str, Path(description="the VM's id (vm-…)")]
 
 
 @router.post("", response_model=ClaimOut, status_code=201,
@@ -75,7 +78,8 @@ def _line(kind: str, obj: dict, rv: int) -> bytes:
                         "a VM that stops or fails (or stops matching) is DELETED.",
             responses={200: {"content": {"application/x-ndjson": {}}}})
 async def list_vms(request: Request, node: NodeDep, response: Response,
-                   flavor: str | None = Query(None, max_length=63), state: VMState | None = None,
+                   flavor: str | None = Query(None, max_length=63, pattern=NAME_PATTERN),
+                   state: VMState | None = None,
                    label_selector: str | None = Query(None, alias="labelSelector", max_length=4096),
                    limit: int | None = Query(None, ge=1, le=1000),
                    continue_: str | None = Query(None, alias="continue", max_length=1024),
@@ -148,18 +152,18 @@ async def _watch(node, flavor, state, selector, resource_version):
 @router.patch("/{vm_id}", response_model=VMOut,
               description="A JSON merge patch: `ttl_s` renews a claimed VM's lease (it ends ttl_s from now); "
                           "`labels` are merged (a null value removes a label).")
-async def patch_vm(vm_id: str, req: VMPatch, node: NodeDep):
+async def patch_vm(vm_id: VmId, req: VMPatch, node: NodeDep):
     return await node.vms.patch(vm_id, req)
 
 
 @router.get("/{vm_id}", response_model=VMOut)
-async def get_vm(vm_id: str, node: NodeDep):
+async def get_vm(vm_id: VmId, node: NodeDep):
     return await asyncio.to_thread(node.inventory.get, vm_id)
 
 
 @router.delete("/{vm_id}", response_model=VMOut, status_code=202,
                responses={200: {"model": VMOut, "description": "already stopped (or stopped while waiting)"}})
-async def delete_vm(vm_id: str, node: NodeDep, response: Response,
+async def delete_vm(vm_id: VmId, node: NodeDep, response: Response,
                     wait: bool = Query(False, description="wait until the VMM has stopped")):
     vm, done = await node.vms.delete(vm_id, wait)
     response.status_code = 200 if done else 202
@@ -167,26 +171,26 @@ async def delete_vm(vm_id: str, node: NodeDep, response: Response,
 
 
 @router.post("/{vm_id}/exec", response_model=ExecOut)
-async def exec_in_vm(vm_id: str, req: ExecRequest, node: NodeDep):
+async def exec_in_vm(vm_id: VmId, req: ExecRequest, node: NodeDep):
     return await node.vms.exec(vm_id, req)
 
 
 @router.get("/{vm_id}/console", response_class=PlainTextResponse)
-async def console(vm_id: str, node: NodeDep, tail: int = Query(65536, ge=1, le=MAX_CONSOLE_TAIL)):
+async def get_vm_console(vm_id: VmId, node: NodeDep, tail: int = Query(65536, ge=1, le=MAX_CONSOLE_TAIL)):
     data = await asyncio.to_thread(node.vms.console, vm_id, tail)
     return PlainTextResponse(data)
 
 
 @router.get("/{vm_id}/events", response_model=list[EventOut])
-async def events(vm_id: str, node: NodeDep):
+async def list_vm_events(vm_id: VmId, node: NodeDep):
     return await asyncio.to_thread(node.vms.events, vm_id)
 
 
 @router.post("/{vm_id}/rootfs", response_model=RootfsOut,
              openapi_extra={"requestBody": {"content": {
-                 "application/json": {"schema": RootfsRequest.model_json_schema()},
+                 "application/json": {"schema": {"$ref": "#/components/schemas/RootfsRequest"}},
                  "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
-async def attach_rootfs(vm_id: str, request: Request, node: NodeDep, read_only: bool = False,
+async def attach_rootfs(vm_id: VmId, request: Request, node: NodeDep, read_only: bool = False,
                         size_mib: int | None = Query(None, ge=1, le=1 << 20)):
     """A container's rootfs into a claimed VM: an ext4 image of it becomes the VM's disk, mounted at /rootfs."""
     content_type = media_type(request.headers)
