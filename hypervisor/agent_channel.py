@@ -15,8 +15,8 @@ from _queue import Empty, SimpleQueue  # what `queue` re-exports, without its he
 from collections import namedtuple
 from collections.abc import Callable
 
-from guestboot.agent import protocol as P
-from guestboot.agent.protocol import MsgType as T
+from hypervisor import agent_protocol as P
+from hypervisor.agent_protocol import MsgType as T
 from hypervisor.lazylog import LazyLogger
 
 log = LazyLogger("pclite.agent")

@@ -1,10 +1,11 @@
-"""The guest agent (C, static, /sbin/pclite-agent in the initramfs), its builder and its wire-protocol codec."""
+"""The guest agent (C, static, /sbin/pclite-agent in the initramfs) and its builder; the host side of its wire
+protocol is hypervisor/agent_protocol.py."""
 
 __all__ = ["build_agent"]
 
 
 def __getattr__(name: str):
-    # The VMM imports only .protocol: the builder (subprocess, hashlib, pathlib, ...) loads on first use.
+    # Lazy: the builder (subprocess, hashlib, pathlib, ...) loads on first use.
     if name == "build_agent":
         from guestboot.agent.build import build_agent
         return build_agent
