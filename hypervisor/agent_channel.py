@@ -2,7 +2,7 @@
 
 Frames from the guest arrive on the vCPU thread (a console TX kick); they are decoded there and handed to the
 waiting API thread through a per-request queue, so the vCPU thread never blocks on a slow client.
-The wire format is guestboot/agent/PROTOCOL.md.
+The wire format is guestbuild/agent/PROTOCOL.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The host side of the pclite agent wire protocol (guestboot/agent/PROTOCOL.md): frame codec and message payloads,
+"""The host side of the pclite agent wire protocol (guestbuild/agent/PROTOCOL.md): frame codec and message payloads,
 pure Python, no I/O.
 
 A frame is a 12-byte little-endian header `<IIHH` (payload_len, id, type, flags) then the payload. `FrameDecoder`
@@ -6,7 +6,7 @@ turns a byte stream fed in arbitrary pieces into `Frame`s; each message with a s
 namedtuple with `encode() -> bytes` (the payload), `decode(payload)` and, for requests, `frame(id) -> Frame`.
 Anything malformed raises `ProtocolError`.
 
-It lives with its user, the VMM (the guest side, in C, is guestboot/agent/). The VMM imports it at start-up, so
+It lives with its user, the VMM (the guest side, in C, is guestbuild/agent/). The VMM imports it at start-up, so
 it stays cheap: namedtuples and int constants rather than dataclasses and enums (those imports plus class creation
 cost ~0.25 s of VMM start in the lab).
 """

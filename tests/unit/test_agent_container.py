@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from guestboot.initramfs.builder import busybox_path
+from guestbuild.initramfs.builder import busybox_path
 from hypervisor import agent_protocol as p
 from tests.unit.test_agent_host import AgentSession, _exited, agent, agent_binary  # noqa: F401 - fixtures
 

@@ -7,6 +7,6 @@ __all__ = ["build_agent"]
 def __getattr__(name: str):
     # Lazy: the builder (subprocess, hashlib, pathlib, ...) loads on first use.
     if name == "build_agent":
-        from guestboot.agent.build import build_agent
+        from guestbuild.agent.build import build_agent
         return build_agent
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
