@@ -34,10 +34,10 @@ $(VENV)/bin/pclite-runtime: $(STAMP) service/runtime/quickpath.c service/runtime
 venv: $(STAMP) $(VENV)/bin/pclite-runtime
 
 kernel: deps venv
-	@$(PY) -m guestboot.kernel build
+	@$(PY) -m guestbuild.kernel build
 
 initramfs: deps venv
-	@$(PY) -m guestboot.initramfs build
+	@$(PY) -m guestbuild.initramfs build
 
 artifacts: kernel initramfs
 

@@ -1,4 +1,5 @@
-"""Guest-side artifacts and pure boot logic: loaders, boot structures, kernel/initramfs/agent builders.
+"""Pure boot logic: loaders (bzImage, ELF/PVH), boot_params/e820, PVH start info, page tables, GDT and MP table.
 
-Nothing here touches /dev/kvm: every function works on bytes and files, so it is unit-testable anywhere.
+Nothing here touches /dev/kvm, runs a build or starts a process: every function works on bytes and files, so it is
+unit-testable anywhere. The artifacts it boots are built by guestbuild/; the QEMU lab is pclitelab/.
 """

@@ -2,7 +2,7 @@
 
 Frames from the guest arrive on the vCPU thread (a console TX kick); they are decoded there and handed to the
 waiting API thread through a per-request queue, so the vCPU thread never blocks on a slow client.
-The wire format is guestboot/agent/PROTOCOL.md.
+The wire format is guestbuild/agent/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from _queue import Empty, SimpleQueue  # what `queue` re-exports, without its he
 from collections import namedtuple
 from collections.abc import Callable
 
-from guestboot.agent import protocol as P
-from guestboot.agent.protocol import MsgType as T
+from hypervisor import agent_protocol as P
+from hypervisor.agent_protocol import MsgType as T
 from hypervisor.lazylog import LazyLogger
 
 log = LazyLogger("pclite.agent")

@@ -169,7 +169,7 @@ def take_prepared(spec) -> BootImages | None:
 
 
 def unpacked_cache_dir() -> str:
-    """Where host-unpacked kernels are kept (guestboot.cache.cache_root(), which this start-up path cannot import:
+    """Where host-unpacked kernels are kept (guestbuild.cache.cache_root(), which this start-up path cannot import:
     subprocess, hashlib, pathlib)."""
     root = os.environ.get("PCLITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pclite")
     return os.path.join(root, "unpacked")

@@ -93,7 +93,7 @@ def build(path: str, sources: list[tuple[str, str, bool]]) -> None:
 @functools.cache
 def bundle_path() -> str | None:
     """The current bundle (built if needed), or None when it cannot be (the VMM then imports from the sources)."""
-    from guestboot.cache import cache_root
+    from guestbuild.cache import cache_root
     directory = cache_root() / "vmm-bundle"
     try:
         sources = _sources()

@@ -14,7 +14,7 @@ import threading
 import time
 from _queue import Empty  # `queue` without its imports: the API starts before the VM boots
 
-from guestboot.agent import protocol as P
+from hypervisor import agent_protocol as P
 from hypervisor import vmm_api
 from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable, BadExecRequest, StreamLines
 from hypervisor.api_server import Request, Response

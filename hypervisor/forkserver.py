@@ -57,8 +57,7 @@ def _preload() -> None:
     import hypervisor.control  # noqa: F401
     import hypervisor.jail  # noqa: F401
     import hypervisor.vm  # noqa: F401
-    from guestboot.agent import protocol  # noqa: F401
-    from hypervisor import cpuid, kvm_snapshot_structs, restore  # noqa: F401 - `restore`: clones of a snapshot
+    from hypervisor import agent_protocol, cpuid, kvm_snapshot_structs, restore  # noqa: F401 - restore: snapshot clones
     from hypervisor.virtio import console, mmio, rng  # noqa: F401
 
 

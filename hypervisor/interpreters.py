@@ -59,7 +59,7 @@ def vmm_python() -> str:
         return os.environ["PCLITE_VMM_PYTHON"]
     if _chosen:
         return _chosen[0]
-    from guestboot.cache import cache_root
+    from guestbuild.cache import cache_root
     record = cache_root() / "vmm-python.json"
     try:  # the same files start at different speeds on another kernel (the lab shares this cache with its host)
         key = [list(os.uname()), *(_identity(python) for python in candidates())]

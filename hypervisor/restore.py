@@ -88,7 +88,7 @@ def machine_config(saved: dict, console_sink, agent_sink, spec=None):
 
 
 def identity_requests(hostname: str) -> list[tuple[int, bytes]]:
-    from guestboot.agent import protocol as P
+    from hypervisor import agent_protocol as P
     name = hostname.encode()
     if not 0 < len(name) <= 64:
         raise SnapshotError(f"--hostname must be 1..64 bytes, got {hostname!r}")

@@ -54,7 +54,7 @@ def _apply_default_flavor(env: dict[str, str]) -> None:
 def main() -> int:
     import signal
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops pclited like Ctrl-C does
-    from guestboot.lab.detect import host_kvm_status
+    from pclitelab.detect import host_kvm_status
     from service.auth import ensure_token, write_client_config
     from service.core.config import load_settings
 
@@ -82,7 +82,7 @@ def main() -> int:
                    "PCLITE_WRITE_CLIENT_CONFIG": "false"}
         os.environ.update(lab_env)  # PCLITE_* variables are passed into the lab
         env.pop("PCLITE_HOST", None)
-        from guestboot.lab.runner import LabRequest, run_in_lab
+        from pclitelab.runner import LabRequest, run_in_lab
         request = LabRequest(command=[_bin("pclited"), "serve"], workdir=ROOT, timeout_s=0,
                              forwards=[(port, port)], extra_shares=[settings.data_dir])
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from guestboot.lab.detect import host_kvm_status
+from pclitelab.detect import host_kvm_status
 
 GUEST_DIR = Path(__file__).parent / "guest"
 

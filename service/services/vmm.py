@@ -58,8 +58,8 @@ class Launcher:
     def default_artifacts(self) -> tuple[str, str]:
         with self._lock:
             if self._defaults is None:
-                from guestboot.initramfs.builder import build_initramfs
-                from guestboot.kernel import cached_kernel
+                from guestbuild.initramfs.builder import build_initramfs
+                from guestbuild.kernel import cached_kernel
                 kernel = cached_kernel()
                 if kernel is None:
                     raise LaunchError("the built-in guest kernel is not built: run `make kernel` "

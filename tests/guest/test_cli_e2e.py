@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from guestboot.cache import cache_root
+from guestbuild.cache import cache_root
 from tests.support.artifacts import guest_artifacts
 from tests.unit.test_cli_contract_stub import Cli, clean_env, start_pclited, stop_pclited
 

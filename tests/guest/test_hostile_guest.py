@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from guestboot.agent import protocol as P
+from hypervisor import agent_protocol as P
 from hypervisor.client import VmmError
 from tests.guest.test_agent import BootedVm
 

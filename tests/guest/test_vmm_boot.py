@@ -42,7 +42,7 @@ def test_stock_debian_cloud_kernel_boots_through_host_side_unpack():
 
     One vCPU: that kernel finds secondary CPUs only through ACPI, which a pclite microVM does not provide.
     """
-    from guestboot.lab.assets import cached_stock_kernel
+    from pclitelab.assets import cached_stock_kernel
     stock = cached_stock_kernel()
     assert stock is not None, "stock kernel not fetched: `pclite-lab test` fetches it before entering the lab"
     art = guest_artifacts()

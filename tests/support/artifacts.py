@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestboot.cache import cache_root
-from guestboot.kernel import cached_kernel
+from guestbuild.cache import cache_root
+from guestbuild.kernel import cached_kernel
 
 PROBE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pclite.mode=probe"
 
@@ -19,8 +19,8 @@ class GuestArtifacts:
 def guest_artifacts() -> GuestArtifacts:
     kernel = cached_kernel()
     if kernel is None:
-        raise RuntimeError("the guest kernel is not built: run `make kernel` (python -m guestboot.kernel build)")
-    from guestboot.initramfs.builder import build_initramfs  # cached: a hit only stats the file
+        raise RuntimeError("the guest kernel is not built: run `make kernel` (python -m guestbuild.kernel build)")
+    from guestbuild.initramfs.builder import build_initramfs  # cached: a hit only stats the file
     return GuestArtifacts(kernel.bzimage, kernel.vmlinux, build_initramfs())
 
 

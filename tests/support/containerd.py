@@ -18,7 +18,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from guestboot.initramfs.builder import busybox_path
+from guestbuild.initramfs.builder import busybox_path
 
 IMAGE = "docker.io/library/pclite-busybox:test"
 APPLETS = ("sh", "uname", "true", "false", "sleep", "cat", "echo", "hostname", "id", "ls", "kill", "stty", "tty",

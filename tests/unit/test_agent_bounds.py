@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from guestboot.agent import protocol as P
-from guestboot.agent.protocol import MsgType as T
 from hypervisor import agent_channel as ac
+from hypervisor import agent_protocol as P
 from hypervisor.agent_channel import AgentChannel, AgentUnavailable, BadExecRequest, MalformedReply
+from hypervisor.agent_protocol import MsgType as T
 from hypervisor.api_server import Request
 from hypervisor.control import Controller
 from tests.unit.test_vmm_agent_api import PipeAgent
@@ -97,8 +97,8 @@ def test_vmm_rss_stays_flat_while_the_guest_floods_a_capped_exec(tmp_path):
 import sys
 sys.path.insert(0, {str(os.getcwd())!r})
 from tests.unit.test_agent_bounds import FakeGuest, in_thread, EXIT_OK
-from guestboot.agent import protocol as P
-from guestboot.agent.protocol import MsgType as T
+from hypervisor import agent_protocol as P
+from hypervisor.agent_protocol import MsgType as T
 guest = FakeGuest()
 def kib(field):  # /proc, not ru_maxrss: that keeps the size of the pytest process this one was forked from
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])

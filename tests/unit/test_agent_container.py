@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from guestboot.agent import protocol as p
-from guestboot.initramfs.builder import busybox_path
+from guestbuild.initramfs.builder import busybox_path
+from hypervisor import agent_protocol as p
 from tests.unit.test_agent_host import AgentSession, _exited, agent, agent_binary  # noqa: F401 - fixtures
 
 NOFILE = 7

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from guestboot.agent import build as agent_build
-from guestboot.agent import protocol as p
-from guestboot.agent.build import build_agent
-from guestboot.cache import BuildError
-from guestboot.initramfs.builder import _is_static_elf, build_initramfs
+from guestbuild.agent import build as agent_build
+from guestbuild.agent.build import build_agent
+from guestbuild.cache import BuildError
+from guestbuild.initramfs.builder import _is_static_elf, build_initramfs
+from hypervisor import agent_protocol as p
 
 RECV_TIMEOUT = 15.0
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from guestboot.agent import protocol as p
+from hypervisor import agent_protocol as p
 
 SAMPLE_FRAMES = [
     p.ping(1),

@@ -63,7 +63,7 @@ def test_copied_sources_exist():
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     copied = {s for args in of("COPY") for s in args.split()[:-1]}
     # pclite's packages, the migrations pclited runs at start and the build metadata
-    assert {"guestboot", "hypervisor", "service", "migrations", "alembic.ini", "pyproject.toml"} <= copied
+    assert {"guestboot", "guestbuild", "hypervisor", "service", "migrations", "alembic.ini", "pyproject.toml"} <= copied
 
 
 def test_packages_cover_what_the_code_needs():
@@ -72,7 +72,7 @@ def test_packages_cover_what_the_code_needs():
     needed = set(listed.replace("\\", " ").split()) - TEST_ONLY_PACKAGES
     packages = installed_packages()
     assert needed <= packages, f"Containerfile lacks {needed - packages}"
-    from guestboot.kernel.build import BUILD_TOOLS, SOURCE_PACKAGE
+    from guestbuild.kernel.build import BUILD_TOOLS, SOURCE_PACKAGE
 
     assert SOURCE_PACKAGE in packages and set(BUILD_TOOLS) <= packages | {"make", "gcc", "flex", "bison", "bc"}
     assert {"python3", "python3-venv", "libc6-dev", "busybox-static", "tini"} <= packages
@@ -81,7 +81,7 @@ def test_packages_cover_what_the_code_needs():
 def test_it_installs_pclite_and_builds_the_guest_artifacts():
     runs = " ".join(of("RUN"))
     assert "pip install" in runs and "-e ." in runs
-    assert "python -m guestboot.kernel build" in runs and "python -m guestboot.initramfs build" in runs
+    assert "python -m guestbuild.kernel build" in runs and "python -m guestbuild.initramfs build" in runs
     assert 'rm -rf "$PCLITE_CACHE/src"' in runs  # the kernel build tree (GBs) stays out of the image
 
 

@@ -292,7 +292,7 @@ def pclited_setting_names() -> set[str]:
     return {f"PCLITE_{name.upper()}" for name in Settings.model_fields}
 
 
-# Variables read outside pclited's Settings: the artifact cache (guestboot) and pclited's settings-file path.
+# Variables read outside pclited's Settings: the artifact cache (guestbuild) and pclited's settings-file path.
 OTHER_PCLITE_VARIABLES = {"PCLITE_CACHE", "PCLITE_CONFIG_FILE"}
 
 

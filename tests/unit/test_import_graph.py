@@ -154,3 +154,28 @@ def test_service_and_hypervisor_import_no_cycle():
 def test_no_known_external_cycle_is_left(members):
     graph = import_graph()
     assert members not in tangles(graph), describe(graph, members)
+
+
+def top_level_imports(package: str) -> dict[str, set[str]]:
+    """{module file: the top-level names it imports} for every module of a package (absolute imports only)."""
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.partition(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+# Issue 17: pure boot logic (what the VMM imports), build tooling and the lab stay apart.
+@pytest.mark.parametrize(("package", "banned"), [
+    ("guestboot", {"guestbuild", "pclitelab", "hypervisor", "service", "subprocess"}),
+    ("guestbuild", {"pclitelab", "hypervisor", "service"}),
+    ("hypervisor", {"pclitelab", "service"}),
+])
+def test_the_guest_side_layers_stay_apart(package, banned):
+    crossing = {path: sorted(names & banned) for path, names in top_level_imports(package).items() if names & banned}
+    assert not crossing, f"{package}/ imports what it must not: {crossing}"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from guestboot.cache import BuildError
-from guestboot.initramfs.builder import build_initramfs
-from guestboot.initramfs.cpio import CpioArchive
+from guestbuild.cache import BuildError
+from guestbuild.initramfs.builder import build_initramfs
+from guestbuild.initramfs.cpio import CpioArchive
 
 
 def _sample() -> CpioArchive:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from guestboot.cache import BuildError
-from guestboot.kernel import build as kbuild
+from guestbuild.cache import BuildError
+from guestbuild.kernel import build as kbuild
 
 
 def test_key_changes_with_fragment_and_source_version():
@@ -47,7 +47,7 @@ def test_cached_build_matches_fragment_and_hits_fast():
     """make test builds the kernel first; a hit must answer in well under a second."""
     assert kbuild.cached_kernel() is not None, "guest kernel not built: run `make kernel` first"
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "guestboot.kernel", "build", "--print-path"],
+    out = subprocess.run([sys.executable, "-m", "guestbuild.kernel", "build", "--print-path"],
                          capture_output=True, text=True, check=False)
     elapsed = time.monotonic() - started
     assert out.returncode == 0, out.stderr

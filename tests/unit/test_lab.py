@@ -4,9 +4,9 @@ import shlex
 import time
 from pathlib import Path
 
-from guestboot.lab import assets
-from guestboot.lab.detect import host_kvm_status
-from guestboot.lab.runner import LabRequest, _command_script
+from pclitelab import assets
+from pclitelab.detect import host_kvm_status
+from pclitelab.runner import LabRequest, _command_script
 
 
 def test_kvm_pvm_host_cannot_boot_linux(tmp_path):
@@ -57,7 +57,7 @@ def test_command_script_quotes_and_passes_only_known_env(tmp_path, monkeypatch):
 def test_console_stream_tells_a_lab_kernel_panic_from_a_normal_end():
     import io
 
-    from guestboot.lab.runner import _stream
+    from pclitelab.runner import _stream
     out = io.BytesIO()
     tail, panicked = _stream(["sh", "-c", "printf 'booting\\r\\n[  72.6] Kernel panic - not syncing: corrupted "
                               "stack end\\r\\n'"], 30, out)
@@ -69,8 +69,8 @@ def test_console_stream_tells_a_lab_kernel_panic_from_a_normal_end():
 def test_guest_tests_go_on_in_a_fresh_lab_after_a_lab_kernel_panic(monkeypatch, capsys, tmp_path):
     from types import SimpleNamespace
 
-    from guestboot.lab import cli
-    from guestboot.lab.runner import LabKernelPanic, LabStalled
+    from pclitelab import cli
+    from pclitelab.runner import LabKernelPanic, LabStalled
     monkeypatch.setenv("PCLITE_CACHE", str(tmp_path))
     labs = []
 
@@ -132,8 +132,8 @@ def test_a_test_session_records_what_finished_and_skips_what_is_deselected(tmp_p
 def test_only_test_sessions_run_again(monkeypatch):
     from types import SimpleNamespace
 
-    from guestboot.lab import cli
-    from guestboot.lab.runner import LabKernelPanic
+    from pclitelab import cli
+    from pclitelab.runner import LabKernelPanic
 
     def fake_lab(request):
         raise LabKernelPanic("panicked")
@@ -147,8 +147,8 @@ def test_a_lab_that_stops_making_progress_is_stopped(tmp_path):
 
     import pytest
 
-    from guestboot.lab.cli import stall_watch
-    from guestboot.lab.runner import LabStalled, _stream
+    from pclitelab.cli import stall_watch
+    from pclitelab.runner import LabStalled, _stream
     progress = tmp_path / "finished"
     watch = stall_watch(progress, limit_s=0.3)
     assert watch() is None

@@ -7,9 +7,9 @@ import functools
 import pytest
 
 from guestboot.elf import parse_elf
-from guestboot.kernel import cached_kernel
 from guestboot.layout import MIB, ram_regions
 from guestboot.loader import check_in_ram, check_no_overlap, plan_boot
+from guestbuild.kernel import cached_kernel
 
 MEM = 256 * MIB
 
@@ -24,7 +24,7 @@ def _kernel() -> tuple[bytes, bytes]:
     """(bzImage, vmlinux); a missing kernel fails each test (never a skip): the loader must be checked on it."""
     kernel = _read_kernel()
     if kernel is None:
-        pytest.fail("the guest kernel is not built: run `python -m guestboot.kernel build` first")
+        pytest.fail("the guest kernel is not built: run `python -m guestbuild.kernel build` first")
     return kernel
 
 

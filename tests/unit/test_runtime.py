@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guestboot.initramfs.builder import busybox_path
+from guestbuild.initramfs.builder import busybox_path
 from hypervisor.api_server import ApiServer, Response
 from hypervisor.control import Controller
 from hypervisor.vmm_api import ApiError

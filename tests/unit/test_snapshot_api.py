@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from guestboot.agent import protocol as P
+from hypervisor import agent_protocol as P
 from hypervisor.agent_channel import AgentChannel
 from hypervisor.api_server import Request
 from hypervisor.control import Controller

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from guestboot.agent.build import build_agent
+from guestbuild.agent.build import build_agent
 from hypervisor.agent_channel import AgentChannel, AgentError, AgentUnavailable
 from hypervisor.api_server import ApiServer, Response
 from hypervisor.client import VmmClient, VmmError, VmmUnavailable

@@ -30,7 +30,7 @@ def test_bad_invocations_fail_with_one_clear_line(args, message, tmp_path):
 
 
 def test_truncated_bzimage_is_refused(tmp_path):
-    from guestboot.kernel import cached_kernel
+    from guestbuild.kernel import cached_kernel
     kernel = cached_kernel()
     assert kernel is not None, "guest kernel not built: run `make kernel`"
     truncated = tmp_path / "bzImage"
@@ -40,7 +40,7 @@ def test_truncated_bzimage_is_refused(tmp_path):
 
 
 def test_initrd_too_big_for_ram(tmp_path):
-    from guestboot.kernel import cached_kernel
+    from guestbuild.kernel import cached_kernel
     kernel = cached_kernel()
     assert kernel is not None, "guest kernel not built: run `make kernel`"
     big = tmp_path / "initrd"
@@ -51,7 +51,7 @@ def test_initrd_too_big_for_ram(tmp_path):
 
 
 def test_ram_too_small_for_kernel():
-    from guestboot.kernel import cached_kernel
+    from guestbuild.kernel import cached_kernel
     kernel = cached_kernel()
     assert kernel is not None, "guest kernel not built: run `make kernel`"
     out = vmm("run", "--kernel", str(kernel.vmlinux), "--mem", "32")

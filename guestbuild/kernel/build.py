@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestboot.cache import (
+from guestbuild.cache import (
     BuildError,
     build_lock,
     cache_root,

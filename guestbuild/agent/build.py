@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from guestboot.cache import BuildError, build_lock, cache_root, content_key, describe_os_error, publish_dir
+from guestbuild.cache import BuildError, build_lock, cache_root, content_key, describe_os_error, publish_dir
 
 SOURCE_DIR = Path(__file__).parent
 BINARY_NAME = "pclite-agent"

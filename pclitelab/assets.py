@@ -9,9 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestboot.cache import BuildError, cache_root, content_key, describe_os_error, publish_dir
-from guestboot.initramfs.builder import busybox_applets, busybox_path, read_busybox
-from guestboot.initramfs.cpio import CpioArchive
+from guestbuild.cache import BuildError, cache_root, content_key, describe_os_error, publish_dir
+from guestbuild.initramfs.builder import busybox_applets, busybox_path, read_busybox
+from guestbuild.initramfs.cpio import CpioArchive
 
 META_PACKAGE = "linux-image-amd64"
 # What the lab needs; their dependencies (e.g. ccp for kvm-amd, netfs/fscache for 9p) are added from .modinfo.

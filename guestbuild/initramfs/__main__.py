@@ -1,14 +1,14 @@
-"""python -m guestboot.initramfs build [--print-path] [--no-gzip] [--no-agent]"""
+"""python -m guestbuild.initramfs build [--print-path] [--no-gzip] [--no-agent]"""
 
 import argparse
 import sys
 
-from guestboot.cache import BuildError
-from guestboot.initramfs.builder import build_initramfs
+from guestbuild.cache import BuildError
+from guestbuild.initramfs.builder import build_initramfs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guestboot.initramfs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m guestbuild.initramfs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or find cached) the guest initramfs")
     build.add_argument("--print-path", action="store_true", help="print the initramfs path")

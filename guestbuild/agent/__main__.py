@@ -1,14 +1,14 @@
-"""python -m guestboot.agent build [--print-path] [--force]"""
+"""python -m guestbuild.agent build [--print-path] [--force]"""
 
 import argparse
 import sys
 
-from guestboot.agent.build import build_agent
-from guestboot.cache import BuildError
+from guestbuild.agent.build import build_agent
+from guestbuild.cache import BuildError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guestboot.agent", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m guestbuild.agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or find cached) the static guest agent binary")
     build.add_argument("--print-path", action="store_true", help="print the binary's path")

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guestboot.cache import cache_root
-from guestboot.lab.assets import lab_assets
+from guestbuild.cache import cache_root
+from pclitelab.assets import lab_assets
 
 # Environment passed into the lab: the rest of the host's environment means nothing inside.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "CI", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH")

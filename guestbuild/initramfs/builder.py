@@ -7,9 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from guestboot.agent.build import build_agent
-from guestboot.cache import BuildError, cache_root, content_key, describe_os_error, publish_dir
-from guestboot.initramfs.cpio import CpioArchive
+from guestbuild.agent.build import build_agent
+from guestbuild.cache import BuildError, cache_root, content_key, describe_os_error, publish_dir
+from guestbuild.initramfs.cpio import CpioArchive
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 DEFAULT_BUSYBOX = Path("/bin/busybox")

@@ -1,14 +1,14 @@
-"""python -m guestboot.kernel build [--print-path] [--jobs N] [--force]"""
+"""python -m guestbuild.kernel build [--print-path] [--jobs N] [--force]"""
 
 import argparse
 import sys
 
-from guestboot.cache import BuildError
-from guestboot.kernel.build import build_kernel
+from guestbuild.cache import BuildError
+from guestbuild.kernel.build import build_kernel
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guestboot.kernel", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m guestbuild.kernel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or find cached) bzImage + vmlinux")
     build.add_argument("--print-path", action="store_true", help="print the bzImage and vmlinux paths")

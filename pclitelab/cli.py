@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from guestboot.cache import BuildError, cache_root
-from guestboot.lab.assets import stock_kernel
-from guestboot.lab.detect import host_kvm_status
-from guestboot.lab.runner import LabError, LabFault, LabRequest, run_in_lab
+from guestbuild.cache import BuildError, cache_root
+from pclitelab.assets import stock_kernel
+from pclitelab.detect import host_kvm_status
+from pclitelab.runner import LabError, LabFault, LabRequest, run_in_lab
 
 GUEST_TEST_TIMEOUT_S = 600
 # When the lab's own kernel panics, the tests that had not finished run in a fresh lab: up to this many labs, while

@@ -1,12 +1,14 @@
-"""The pclite agent wire protocol (PROTOCOL.md): frame codec and message payloads, pure Python, no I/O.
+"""The host side of the pclite agent wire protocol (guestbuild/agent/PROTOCOL.md): frame codec and message payloads,
+pure Python, no I/O.
 
 A frame is a 12-byte little-endian header `<IIHH` (payload_len, id, type, flags) then the payload. `FrameDecoder`
 turns a byte stream fed in arbitrary pieces into `Frame`s; each message with a structured payload has a frozen
 namedtuple with `encode() -> bytes` (the payload), `decode(payload)` and, for requests, `frame(id) -> Frame`.
 Anything malformed raises `ProtocolError`.
 
-The VMM imports this module at start-up, so it stays cheap: namedtuples and int constants rather than
-dataclasses and enums (those imports plus class creation cost ~0.25 s of VMM start in the lab).
+It lives with its user, the VMM (the guest side, in C, is guestbuild/agent/). The VMM imports it at start-up, so
+it stays cheap: namedtuples and int constants rather than dataclasses and enums (those imports plus class creation
+cost ~0.25 s of VMM start in the lab).
 """
 
 from __future__ import annotations
