@@ -194,7 +194,7 @@ class PoolManager:
                     raise
                 if not await self._fall_back(vm, flavor, exc):
                     return await self._release(vm)
-                status = await self._start(vm, flavor, False, since=utcnow())
+                status = await self._start(vm, flavor, False)
         except _Released:
             return await self._release(vm)
         except BootError as exc:
@@ -206,7 +206,8 @@ class PoolManager:
             return await self._boot_failed(vm, flavor, BootError(f"internal error: {exc!r}"))
         return await self._booted(vm, flavor, status)
 
-    async def _start(self, vm: VM, flavor: Flavor, adopted: bool, since=None) -> dict:
+    async def _start(self, vm: VM, flavor: Flavor, adopted: bool) -> dict:
+        since = None  # an adopted VM's timeout counts from its creation
         if not adopted:
             try:
                 proc = await blocking(self.launcher.spawn, vm, flavor)
